@@ -1,0 +1,449 @@
+"""The HTTP surface: parse the request, call the stages in order, render one error shape.
+
+``create_app(settings)`` is the factory; the lifespan owns every client (PostgreSQL pool,
+OPA client, catalog refresher) and routes reach them through ``request.app.state.gateway``.
+Data moves forward only: identity → facts → policy → executor; no stage calls back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import decimal
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.catalog import Catalog, introspect
+from app.config import Settings
+from app.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    Internal,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from app.executor import Executor, Result
+from app.facts import FactsExtractor, QueryFacts
+from app.identity import Authenticator, Identity
+from app.policy import Decision, PolicyClient
+
+log = logging.getLogger("querygate.api")
+decisions_log = logging.getLogger("querygate.decisions")
+
+CATALOG_REFRESH_S = 60.0
+
+
+class QueryRequest(BaseModel):
+    """The body of /v1/query and /v1/explain."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sql: str = Field(min_length=1)
+    params: list[JsonValue] = Field(default_factory=list)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        # A string keeps every digit; a float would not.
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, dt.timedelta):
+        return str(value)
+    return str(value)
+
+
+def render(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialise with orjson (datetimes, UUIDs, Decimals handled)."""
+    return Response(
+        orjson.dumps(content, default=_json_default, option=orjson.OPT_NON_STR_KEYS),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Everything the request path needs; built and torn down by the lifespan."""
+
+    settings: Settings
+    authenticator: Authenticator
+    extractor: FactsExtractor
+    policy: PolicyClient
+    pool: asyncpg.Pool | None = None
+    catalog: Catalog | None = None
+    executor: Executor | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def connect(self) -> None:
+        """Open the pool and read the catalog; failures leave the gateway not ready."""
+        settings = self.settings
+        assert settings.database_url is not None
+        search_path = ", ".join(['"pg_catalog"', *(f'"{s}"' for s in settings.schemas), '"pg_temp"'])
+        self.pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_connect_timeout_ms / 1000,
+            # Resolution in the extractor assumes exactly this search path.
+            server_settings={"search_path": search_path, "application_name": "querygate"},
+        )
+        self.executor = Executor(self.pool, settings.statement_timeout_ms)
+        await self.refresh_catalog()
+
+    async def refresh_catalog(self) -> Catalog:
+        """Re-read the catalog; the version (and so the facts cache key) moves on change."""
+        if self.pool is None:
+            raise Unavailable("database_unavailable", "the database is not connected")
+        async with self.pool.acquire() as conn:
+            self.catalog = await introspect(conn, tuple(self.settings.schemas), self.catalog)
+        return self.catalog
+
+    async def maintain(self) -> None:
+        """Keep trying to connect, then keep the catalog fresh."""
+        while True:
+            try:
+                if self.pool is None:
+                    await self.connect()
+                else:
+                    await self.refresh_catalog()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried on the next tick
+                log.warning("database maintenance failed: %s", type(exc).__name__)
+            await asyncio.sleep(CATALOG_REFRESH_S if self.pool is not None else 1.0)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.policy.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+class RequestIdMiddleware:
+    """Give every request an id (or keep a sane caller-supplied one) and echo it back."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[..., Awaitable[Any]],
+        send: Callable[..., Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or str(uuid.uuid4())
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def read_query(request: Request, settings: Settings) -> QueryRequest:
+    """Read and validate the body within the size limit; one error shape for every failure."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
+        raise PayloadTooLarge(
+            "payload_too_large", f"the request body is larger than {settings.max_request_bytes} bytes"
+        )
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > settings.max_request_bytes:
+            raise PayloadTooLarge(
+                "payload_too_large",
+                f"the request body is larger than {settings.max_request_bytes} bytes",
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest("invalid_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Unprocessable("invalid_request", "the body must be a JSON object")
+    sql = data.get("sql")
+    if isinstance(sql, str) and len(sql.encode()) > settings.max_sql_bytes:
+        raise PayloadTooLarge(
+            "sql_too_large", f"the SQL text is larger than {settings.max_sql_bytes} bytes"
+        )
+    try:
+        body = QueryRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "body", "problem": err["msg"]}
+            for err in exc.errors()
+        ]
+        raise Unprocessable(
+            "invalid_request", "the request body does not match the schema", problems=problems
+        ) from exc
+    if len(body.params) > settings.max_params:
+        raise Unprocessable("invalid_parameters", f"at most {settings.max_params} parameters")
+    return body
+
+
+def build_input(
+    gateway: Gateway, identity: Identity, facts: QueryFacts, request: Request, request_id: str
+) -> dict[str, Any]:
+    """The OPA input document (docs/decision-contract.md)."""
+    return {
+        "identity": identity.to_input(),
+        "environment": gateway.settings.environment,
+        "request": {
+            "id": request_id,
+            "source_ip": request.client.host if request.client else None,
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        },
+        "database": {"name": gateway.settings.database_name},
+        "query": facts.to_input(),
+        "approval": None,
+    }
+
+
+async def evaluate(
+    request: Request,
+) -> tuple[Gateway, Identity, QueryRequest, QueryFacts, Decision, str]:
+    """Who, what, decide: the shared front half of /v1/query and /v1/explain."""
+    gateway = _gateway(request)
+    request_id = _request_id(request)
+    identity = gateway.authenticator.authenticate(request.headers.get("authorization"))
+    body = await read_query(request, gateway.settings)
+    catalog = gateway.catalog
+    if catalog is None:
+        raise Unavailable("database_unavailable", "the catalog has not been read yet")
+    facts = gateway.extractor.extract(body.sql, catalog)
+    if len(body.params) != facts.param_count:
+        raise Unprocessable(
+            "invalid_parameters",
+            f"the statement uses {facts.param_count} parameters; {len(body.params)} were given",
+        )
+    decision = await gateway.policy.decide(build_input(gateway, identity, facts, request, request_id))
+    return gateway, identity, body, facts, decision, request_id
+
+
+def _log_decision(
+    identity: Identity, facts: QueryFacts, decision: Decision, request_id: str, outcome: str
+) -> None:
+    # A structured line per decision until the audit stream lands; never values or params.
+    decisions_log.info(
+        "decision",
+        extra={
+            "request_id": request_id,
+            "decision_id": decision.id,
+            "sub": identity.sub,
+            "allow": decision.allow,
+            "outcome": outcome,
+            "fingerprint": facts.fingerprint,
+            "rules": [r.rule for r in decision.reasons],
+        },
+    )
+
+
+def _enforce(decision: Decision, facts: QueryFacts, identity: Identity, request_id: str) -> None:
+    if not decision.allow:
+        _log_decision(identity, facts, decision, request_id, "denied")
+        raise Forbidden(
+            "policy_denied",
+            "; ".join(r.message for r in decision.reasons) or "denied by policy",
+            reasons=decision.reasons_json(),
+            decision_id=decision.id,
+        )
+    if decision.require_approval is not None:
+        _log_decision(identity, facts, decision, request_id, "approval_unsupported")
+        raise Forbidden(
+            "approval_required",
+            "the policy requires an approval, which this gateway cannot take yet",
+            reasons=decision.reasons_json(),
+            decision_id=decision.id,
+        )
+    if decision.masks:
+        # Masking is not implemented yet: a decision that asks for it cannot be honoured.
+        _log_decision(identity, facts, decision, request_id, "masking_unsupported")
+        raise Unavailable(
+            "policy_unavailable",
+            "the policy asks for masking, which this gateway cannot apply yet",
+            decision_id=decision.id,
+        )
+
+
+def _result_body(result: Result, decision: Decision) -> dict[str, Any]:
+    return {
+        "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+        "rows": result.rows,
+        "row_count": len(result.rows),
+        "rows_affected": result.rows_affected,
+        "truncated": result.truncated,
+        "decision": {"id": decision.id, "reasons": decision.reasons_json()},
+    }
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application; nothing connects until the lifespan starts."""
+    settings.require_serving()
+    authenticator = Authenticator(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = Gateway(
+            settings=settings,
+            authenticator=authenticator,
+            extractor=FactsExtractor(settings.max_sql_bytes),
+            policy=PolicyClient(
+                settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
+            ),
+        )
+        try:
+            await gateway.connect()
+        except Exception as exc:  # noqa: BLE001 - not ready until maintain() connects
+            log.warning("database not reachable at start-up: %s", type(exc).__name__)
+        gateway.tasks.append(asyncio.create_task(gateway.maintain()))
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(
+        title="querygate",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return render(exc.body(_request_id(request)), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        error = Unprocessable("invalid_request", "the request does not match the schema")
+        return render(error.body(_request_id(request)), error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error: GatewayError
+        if exc.status_code == 404:
+            error = NotFound("not_found", "no such endpoint")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed("method_not_allowed", "method not allowed on this endpoint")
+        else:
+            error = Internal("http_error", str(exc.detail))
+            error.status = exc.status_code  # type: ignore[misc]
+        return render(error.body(_request_id(request)), error.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error (request %s)", _request_id(request))
+        error = Internal("internal_error", "an unexpected error occurred; it has been logged")
+        return render(error.body(_request_id(request)), error.status)
+
+    @app.post("/v1/query")
+    async def query(request: Request) -> Response:
+        """Decide and, if allowed, run the statement."""
+        gateway, identity, body, facts, decision, request_id = await evaluate(request)
+        _enforce(decision, facts, identity, request_id)
+        assert gateway.executor is not None  # a catalog implies a connected pool
+        limit = settings.max_rows if decision.max_rows is None else min(
+            settings.max_rows, decision.max_rows
+        )
+        started = time.perf_counter()
+        result = await gateway.executor.run(body.sql, body.params, facts, limit)
+        _log_decision(identity, facts, decision, request_id, "executed")
+        log.debug("executed in %.2f ms", (time.perf_counter() - started) * 1000)
+        return render(_result_body(result, decision))
+
+    @app.post("/v1/explain")
+    async def explain(request: Request) -> Response:
+        """The facts and the decision for a statement; nothing is executed."""
+        _, identity, _, facts, decision, request_id = await evaluate(request)
+        _log_decision(identity, facts, decision, request_id, "explained")
+        return render(
+            {
+                "facts": facts.to_input(),
+                "decision": {
+                    "id": decision.id,
+                    "allow": decision.allow,
+                    "reasons": decision.reasons_json(),
+                    "masks": decision.masks,
+                    "require_approval": decision.require_approval,
+                    "max_rows": decision.max_rows,
+                },
+            }
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """The process is alive."""
+        return render({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        """OPA answers with a well-formed decision and the database answers."""
+        gateway = _gateway(request)
+        checks: dict[str, str] = {}
+        ok, detail = await gateway.policy.ready()
+        if ok:
+            try:
+                await gateway.policy.decide({})
+            except GatewayError as exc:
+                ok, detail = False, exc.message
+        checks["opa"] = detail
+        db_ok = False
+        if gateway.pool is None or gateway.catalog is None:
+            checks["database"] = "not connected"
+        else:
+            try:
+                async with gateway.pool.acquire(timeout=settings.db_connect_timeout_ms / 1000) as conn:
+                    await conn.fetchval("SELECT 1")
+                db_ok = True
+                checks["database"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                checks["database"] = f"unreachable: {type(exc).__name__}"
+        ready = ok and db_ok
+        if not ready:
+            error = Unavailable("not_ready", "the gateway is not ready", checks=checks)
+            return render(error.body(_request_id(request)), error.status)
+        return render({"status": "ready", "checks": checks})
+
+    return app

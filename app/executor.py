@@ -1,0 +1,185 @@
+"""Enforce: run the original SQL text on PostgreSQL with asyncpg, inside limits.
+
+- Always the extended protocol (prepare, then fetch through a cursor): one statement only,
+  parameters bound by the server, never interpolated into the text.
+- Reads run in a READ ONLY transaction, so a write the extractor missed still fails.
+- ``statement_timeout`` is set per transaction; results are capped at max_rows + 1 rows to
+  report ``truncated`` without reading the rest.
+- PostgreSQL errors become 4xx GatewayErrors carrying the server's message and SQLSTATE,
+  never the DSN or a stack trace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import ipaddress
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from app.errors import (
+    Forbidden,
+    GatewayError,
+    RequestTimeout,
+    Unavailable,
+    Unprocessable,
+)
+from app.facts import QueryFacts
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    columns: tuple[Column, ...]
+    rows: list[tuple[Any, ...]]
+    truncated: bool
+    status: str
+    rows_affected: int | None
+
+
+def _server_error(exc: asyncpg.PostgresError) -> GatewayError:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    message = getattr(exc, "message", None) or str(exc)
+    extra = {"sqlstate": sqlstate}
+    if sqlstate == "57014":
+        return RequestTimeout(
+            "statement_timeout", "the statement was cancelled by the statement timeout", **extra
+        )
+    if sqlstate == "25006":
+        return Forbidden("read_only_violation", f"refused by the database: {message}", **extra)
+    if sqlstate.startswith("42501") or sqlstate == "42501":
+        return Forbidden("database_permission_denied", f"refused by the database: {message}", **extra)
+    if sqlstate.startswith("08") or sqlstate.startswith("57P"):
+        return Unavailable("database_unavailable", "the database connection failed", **extra)
+    return Unprocessable("database_error", message, **extra)
+
+
+_INT_TYPES = {"int2", "int4", "int8", "oid"}
+_FLOAT_TYPES = {"float4", "float8"}
+_TEXT_TYPES = {"text", "varchar", "bpchar", "name", "citext"}
+
+
+def bind_params(params: Sequence[Any], types: Sequence[Any]) -> list[Any]:
+    """Convert JSON parameter values to what asyncpg's codec for each parameter type wants."""
+    if len(params) != len(types):
+        raise Unprocessable(
+            "invalid_parameters",
+            f"the statement expects {len(types)} parameters; {len(params)} were given",
+        )
+    bound = []
+    for position, (value, typ) in enumerate(zip(params, types, strict=True), start=1):
+        try:
+            bound.append(_convert(value, typ.name))
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise Unprocessable(
+                "invalid_parameters",
+                f"parameter ${position} is not a valid {typ.name}: {exc}",
+            ) from exc
+    return bound
+
+
+def _convert(value: Any, type_name: str) -> Any:
+    if value is None:
+        return None
+    if type_name in _INT_TYPES:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError("an integer is required")
+        return int(value)
+    if type_name in _FLOAT_TYPES:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError("a number is required")
+        return float(value)
+    if type_name == "numeric":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError("a number is required")
+        return decimal.Decimal(str(value))
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise TypeError("a boolean is required")
+        return value
+    if type_name in ("json", "jsonb"):
+        import orjson
+
+        return orjson.dumps(value).decode()
+    if type_name == "uuid":
+        return uuid.UUID(str(value))
+    if type_name == "date":
+        return dt.date.fromisoformat(str(value))
+    if type_name in ("timestamp", "timestamptz"):
+        parsed = dt.datetime.fromisoformat(str(value))
+        if type_name == "timestamptz" and parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        return parsed
+    if type_name in ("inet", "cidr"):
+        return ipaddress.ip_interface(str(value)) if "/" in str(value) else ipaddress.ip_address(str(value))
+    if type_name in _TEXT_TYPES:
+        if not isinstance(value, str):
+            raise TypeError("a string is required")
+        return value
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"values of type {type_name} must be given as strings")
+
+
+class Executor:
+    """Runs governed statements on a pool of connections."""
+
+    def __init__(self, pool: asyncpg.Pool, statement_timeout_ms: int) -> None:
+        self._pool = pool
+        self._timeout_ms = int(statement_timeout_ms)
+
+    async def run(
+        self, sql: str, params: Sequence[Any], facts: QueryFacts, max_rows: int
+    ) -> Result:
+        """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back."""
+        readonly = facts.kind == "select" and not facts.tables_write
+        try:
+            async with self._pool.acquire() as conn:
+                async with conn.transaction(readonly=readonly):
+                    # An integer from validated settings: nothing user-controlled is formatted.
+                    await conn.execute(f"SET LOCAL statement_timeout = {self._timeout_ms}")
+                    statement = await conn.prepare(sql)
+                    args = bind_params(params, statement.get_parameters())
+                    columns = tuple(
+                        Column(attr.name, attr.type.name) for attr in statement.get_attributes()
+                    )
+                    if columns:
+                        cursor = await statement.cursor(*args)
+                        rows = await cursor.fetch(max_rows + 1)
+                    else:
+                        rows = await statement.fetch(*args)
+                    status = statement.get_statusmsg() or ""
+        except GatewayError:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise _server_error(exc) from exc
+        except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise Unavailable("database_unavailable", "the database is unreachable") from exc
+        truncated = len(rows) > max_rows
+        if truncated:
+            rows = rows[:max_rows]
+        return Result(
+            columns=columns,
+            rows=[tuple(r) for r in rows],
+            truncated=truncated,
+            status=status,
+            rows_affected=_affected(status, facts),
+        )
+
+
+def _affected(status: str, facts: QueryFacts) -> int | None:
+    if facts.kind not in ("insert", "update", "delete", "merge"):
+        return None
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else None

@@ -1,0 +1,911 @@
+"""What the query does: typed, schema-resolved facts extracted with sqlglot.
+
+The extractor is an allow-list. It models a statement only when it can account for every
+table, column and function in it against the real catalog; anything else raises a
+GatewayError with a stable code, before policy is asked and before anything runs:
+
+- ``sql_parse_error`` (400): sqlglot cannot parse the text.
+- ``sql_too_complex`` (400): nesting deeper than the parser can safely walk.
+- ``multiple_statements`` (403): more than one statement in the text.
+- ``unsupported_statement`` (403): a statement kind we do not model (SET, DO, COPY, …).
+- ``unsupported_construct`` (403): a construct inside a modelled statement that we refuse to
+  guess about (whole-row references, table functions, writable CTEs, SELECT … INTO, …).
+- ``unknown_object`` (422): a table or column that does not resolve in the catalog.
+- ``function_denied`` (403): a function that reads files, settings, other servers, …
+
+Writes and DDL are analysed by building a synthetic SELECT over the same tables (the SET
+values, WHERE and RETURNING of an UPDATE become the projections and filter of a SELECT), so
+one resolver — sqlglot's qualifier plus our own scope walk — validates everything. The
+synthetic tree is for analysis only; the original SQL text is what runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import OptimizeError, ParseError, SqlglotError, TokenError
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+from sqlglot.optimizer.qualify import qualify
+from sqlglot.optimizer.scope import Scope, traverse_scope
+from sqlglot.optimizer.simplify import simplify
+from sqlglot.schema import MappingSchema
+
+from app.catalog import Catalog, Relation
+from app.errors import BadRequest, Forbidden, GatewayError, PayloadTooLarge, Unprocessable
+
+Kind = Literal["select", "insert", "update", "delete", "merge", "ddl"]
+Derivation = Literal["direct", "expression", "aggregate"]
+_RANK: dict[str, int] = {"direct": 0, "expression": 1, "aggregate": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One output column: its name, the base columns it is computed from, and how."""
+
+    name: str
+    sources: tuple[str, ...]
+    derivation: Derivation
+
+    def to_input(self) -> dict[str, Any]:
+        return {"name": self.name, "sources": list(self.sources), "derivation": self.derivation}
+
+
+@dataclass(frozen=True, slots=True)
+class DdlFacts:
+    """What a DDL statement changes."""
+
+    operation: str
+    object_type: str
+    targets: tuple[str, ...]
+
+    def to_input(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "object_type": self.object_type,
+            "targets": list(self.targets),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFacts:
+    """Everything policy may know about one statement; the ``query`` part of the OPA input."""
+
+    fingerprint: str
+    kind: Kind
+    tables_read: tuple[str, ...] = ()
+    tables_write: tuple[str, ...] = ()
+    columns_read: tuple[str, ...] = ()
+    columns_predicate: tuple[str, ...] = ()
+    columns_write: tuple[str, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    functions: tuple[str, ...] = ()
+    has_where: bool = False
+    where_trivially_true: bool = False
+    limit: int | None = None
+    param_count: int = 0
+    ddl: DdlFacts | None = None
+    catalog_version: int = 0
+    _input: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_input(self) -> dict[str, Any]:
+        """The JSON-ready ``query`` object (built once; facts are cached and shared)."""
+        if not self._input:
+            self._input.update(
+                {
+                    "fingerprint": self.fingerprint,
+                    "kind": self.kind,
+                    "tables": {"read": list(self.tables_read), "write": list(self.tables_write)},
+                    "columns": {
+                        "read": list(self.columns_read),
+                        "predicate": list(self.columns_predicate),
+                        "write": list(self.columns_write),
+                    },
+                    "outputs": [o.to_input() for o in self.outputs],
+                    "functions": list(self.functions),
+                    "has_where": self.has_where,
+                    "where_trivially_true": self.where_trivially_true,
+                    "limit": self.limit,
+                    "param_count": self.param_count,
+                    "ddl": self.ddl.to_input() if self.ddl else None,
+                    "catalog_version": self.catalog_version,
+                }
+            )
+        return self._input
+
+
+# --- functions ---------------------------------------------------------------------------
+
+# Never allowed, whatever policy says: they read files, large objects, other servers or
+# settings, sleep, signal backends, or run/dump queries and tables given by name.
+DENIED_FUNCTION_PATTERNS = (
+    re.compile(r"^pg_(read|stat)_(binary_)?file$"),
+    re.compile(r"^pg_ls_"),
+    re.compile(r"^lo_"),
+    re.compile(r"^(be_)?lo_"),
+    re.compile(r"^dblink"),
+    re.compile(r"^postgres_fdw"),
+    re.compile(r"^(current_setting|set_config|pg_reload_conf|pg_rotate_logfile)$"),
+    re.compile(r"^pg_(terminate|cancel)_backend$"),
+    re.compile(r"^pg_sleep"),
+    re.compile(r"^pg_advisory"),
+    re.compile(r"^pg_(start|stop)_backup$|^pg_backup_|^pg_switch_wal$|^pg_create_"),
+    re.compile(r"^pg_(logical|replication)_"),
+    re.compile(r"^(query|table|cursor|schema|database)_to_xml"),
+    re.compile(r"^(query|table|cursor|schema|database)_to_xmlschema$"),
+    re.compile(r"^ts_(stat|rewrite)$"),
+    re.compile(r"^(xpath_table|crosstab|connectby)"),
+    re.compile(r"^pg_notify$|^pg_listening_channels$"),
+    re.compile(r"^pg_(get|describe)_"),
+    re.compile(r"^txid_|^pg_current_xact_id|^pg_export_snapshot$"),
+    re.compile(r"^(nextval|setval|currval|lastval)$"),
+    re.compile(r"^pg_(try_)?advisory"),
+    re.compile(r"^(inet_server_|inet_client_)"),
+    re.compile(r"^(copy|pg_file_|pg_logdir_ls|pg_execute_server_program)"),
+)
+
+# sqlglot renders some PostgreSQL functions under its own names; policy sees PostgreSQL's.
+_FUNCTION_NAME_CACHE: dict[type[exp.Expression], str] = {}
+_NOT_FUNCTIONS = (exp.Cast, exp.TryCast, exp.Paren)
+
+
+def function_name(node: exp.Func) -> str:
+    """The PostgreSQL name of a function call, lower-case ("" for operators sqlglot models
+    as functions, such as AND); schema-qualified unless pg_catalog."""
+    if isinstance(node, exp.Anonymous):
+        name = node.name.lower()
+        parent = node.parent
+        if isinstance(parent, exp.Dot) and parent.expression is node:
+            schema = parent.this.name.lower() if isinstance(parent.this, exp.Expression) else ""
+            if schema and schema != "pg_catalog":
+                return f"{schema}.{name}"
+        return name
+    cls = type(node)
+    cached = _FUNCTION_NAME_CACHE.get(cls)
+    if cached is None:
+        if isinstance(node, (exp.Connector, exp.Binary, exp.Unary)):
+            cached = ""
+        else:
+            rendered = node.sql(dialect="postgres")
+            match = _CALL.match(rendered)
+            cached = match.group(1).lower() if match else ""
+        _FUNCTION_NAME_CACHE[cls] = cached
+    return cached
+
+
+_CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\(|$)")
+
+
+def check_function(name: str) -> None:
+    """Raise function_denied for a function no policy may allow."""
+    bare = name.rsplit(".", 1)[-1]
+    for pattern in DENIED_FUNCTION_PATTERNS:
+        if pattern.search(bare):
+            raise Forbidden(
+                "function_denied",
+                f"function {name}() is never allowed through the gateway",
+                function=name,
+            )
+
+
+# --- extraction --------------------------------------------------------------------------
+
+_UNICODE_IDENT = re.compile(r"""u&["']""", re.IGNORECASE)
+_MAX_DEPTH = 200
+
+_WRITE_NODES = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
+_DDL_NODES = (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable)
+_PREDICATE_ARGS = {
+    exp.Select: ("where", "having", "group", "order", "qualify", "distinct"),
+}
+
+
+def _deny(message: str, **extra: Any) -> Forbidden:
+    return Forbidden("unsupported_construct", message, **extra)
+
+
+def _unknown(message: str, **extra: Any) -> Unprocessable:
+    return Unprocessable("unknown_object", message, **extra)
+
+
+@dataclass(slots=True)
+class _Col:
+    """Lineage of one value: base columns and the most mixing derivation on the way."""
+
+    sources: frozenset[str]
+    derivation: Derivation
+
+
+@dataclass(slots=True)
+class _Analysis:
+    tables_read: set[str] = field(default_factory=set)
+    columns_read: set[str] = field(default_factory=set)
+    columns_predicate: set[str] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    outputs: list[Output] = field(default_factory=list)
+
+
+def _max_derivation(*items: str) -> Derivation:
+    best = max(items, key=lambda d: _RANK[d], default="direct")
+    return best  # type: ignore[return-value]
+
+
+class FactsExtractor:
+    """Turns SQL text into QueryFacts against a catalog, with a bounded LRU cache."""
+
+    def __init__(self, max_sql_bytes: int, cache_size: int = 4096) -> None:
+        self._max_sql_bytes = max_sql_bytes
+        self._cache: OrderedDict[tuple[str, int], QueryFacts] = OrderedDict()
+        self._cache_size = cache_size
+        self._schemas: dict[int, MappingSchema] = {}
+
+    def extract(self, sql: str, catalog: Catalog) -> QueryFacts:
+        """Facts for ``sql``, from the cache when the same text met the same catalog."""
+        key = (sql, catalog.version)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        facts = self._extract(sql, catalog)
+        self._cache[key] = facts
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return facts
+
+    def _schema(self, catalog: Catalog) -> MappingSchema:
+        schema = self._schemas.get(catalog.version)
+        if schema is None:
+            # Types are irrelevant to resolution and PostgreSQL type names sqlglot cannot
+            # parse would only add failure modes.
+            mapping = {
+                s: {t: dict.fromkeys(rel.columns, "unknown") for t, rel in tables.items()}
+                for s, tables in catalog.relations.items()
+            }
+            schema = MappingSchema(mapping, dialect="postgres", normalize=False)
+            self._schemas = {catalog.version: schema}
+        return schema
+
+    def _extract(self, sql: str, catalog: Catalog) -> QueryFacts:
+        if len(sql.encode()) > self._max_sql_bytes:
+            raise PayloadTooLarge(
+                "sql_too_large", f"the SQL text is larger than {self._max_sql_bytes} bytes"
+            )
+        if _UNICODE_IDENT.search(sql):
+            raise _deny("unicode-escaped identifiers and strings (U&…) are not supported")
+        try:
+            statements = [s for s in sqlglot.parse(sql, read="postgres") if s is not None]
+        except (ParseError, TokenError) as exc:
+            raise BadRequest("sql_parse_error", f"the SQL could not be parsed: {exc}") from exc
+        except RecursionError as exc:
+            raise BadRequest("sql_too_complex", "the SQL is nested too deeply") from exc
+        except SqlglotError as exc:
+            raise BadRequest("sql_parse_error", f"the SQL could not be parsed: {exc}") from exc
+        if not statements:
+            raise BadRequest("sql_parse_error", "the SQL text holds no statement")
+        if len(statements) > 1:
+            raise Forbidden(
+                "multiple_statements",
+                f"exactly one statement per request is allowed; found {len(statements)}",
+            )
+        tree = statements[0]
+        try:
+            _check_depth(tree)
+            return self._facts(sql, tree, catalog)
+        except GatewayError:
+            raise
+        except RecursionError as exc:
+            raise BadRequest("sql_too_complex", "the SQL is nested too deeply") from exc
+        except OptimizeError as exc:
+            raise _unknown(f"the query does not resolve against the catalog: {exc}") from exc
+        except SqlglotError as exc:
+            raise _deny(f"the query could not be analysed: {exc}") from exc
+
+    # --- per statement kind ------------------------------------------------------------
+
+    def _facts(self, sql: str, tree: exp.Expression, catalog: Catalog) -> QueryFacts:
+        tree = normalize_identifiers(tree, dialect="postgres")
+        params = _check_placeholders(tree)
+        fingerprint = _fingerprint(tree)
+        common: dict[str, Any] = {
+            "fingerprint": fingerprint,
+            "param_count": params,
+            "catalog_version": catalog.version,
+        }
+        if isinstance(tree, exp.Query):
+            return self._select(tree, catalog, common)
+        if isinstance(tree, exp.Insert):
+            return self._insert(tree, catalog, common)
+        if isinstance(tree, exp.Update):
+            return self._update(tree, catalog, common)
+        if isinstance(tree, exp.Delete):
+            return self._delete(tree, catalog, common)
+        if isinstance(tree, _DDL_NODES):
+            return self._ddl(tree, catalog, common)
+        label = tree.name.split()[0].upper() if isinstance(tree, exp.Command) else tree.key
+        raise Forbidden(
+            "unsupported_statement",
+            f"statement kind {label or tree.key!s} is not supported by the gateway",
+        )
+
+    def _select(self, tree: exp.Query, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        _reject_select_extras(tree)
+        analysis = self._analyse(tree, catalog)
+        where = tree.args.get("where") if isinstance(tree, exp.Select) else None
+        return QueryFacts(
+            kind="select",
+            tables_read=tuple(sorted(analysis.tables_read)),
+            columns_read=tuple(sorted(analysis.columns_read)),
+            columns_predicate=tuple(sorted(analysis.columns_predicate)),
+            outputs=tuple(analysis.outputs),
+            functions=tuple(sorted(analysis.functions)),
+            has_where=where is not None,
+            where_trivially_true=_trivially_true(where),
+            limit=_limit(tree),
+            **common,
+        )
+
+    def _target(self, table: exp.Expression, catalog: Catalog) -> Relation:
+        if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+            raise _deny("the target of a write must be a plain table")
+        relation = catalog.resolve(table.name, table.db or None)
+        if relation is None:
+            raise _unknown(f"table {_display(table)} does not exist", object=_display(table))
+        if relation.kind not in ("table", "partitioned_table"):
+            raise _deny(f"{relation.qualified} is a {relation.kind}; writes go to tables only")
+        return relation
+
+    def _write_facts(
+        self,
+        kind: Kind,
+        target: Relation,
+        written: Iterable[str],
+        reads: list[exp.Select],
+        returning: exp.Select | None,
+        where: exp.Expression | None,
+        catalog: Catalog,
+        common: dict[str, Any],
+    ) -> QueryFacts:
+        merged = _Analysis()
+        for select in reads:
+            part = self._analyse(select, catalog)
+            merged.tables_read |= part.tables_read
+            merged.columns_read |= part.columns_read
+            merged.columns_predicate |= part.columns_predicate
+            merged.functions |= part.functions
+        outputs: tuple[Output, ...] = ()
+        if returning is not None:
+            part = self._analyse(returning, catalog)
+            merged.columns_read |= part.columns_read
+            merged.functions |= part.functions
+            outputs = tuple(part.outputs)
+        columns_write = []
+        for column in written:
+            if column not in target.columns:
+                raise _unknown(
+                    f"column {target.qualified}.{column} does not exist",
+                    object=f"{target.qualified}.{column}",
+                )
+            columns_write.append(f"{target.qualified}.{column}")
+        return QueryFacts(
+            kind=kind,
+            tables_read=tuple(sorted(merged.tables_read - {target.qualified}
+                                     if kind == "insert" else merged.tables_read)),
+            tables_write=(target.qualified,),
+            columns_read=tuple(sorted(merged.columns_read)),
+            columns_predicate=tuple(sorted(merged.columns_predicate)),
+            columns_write=tuple(sorted(set(columns_write))),
+            outputs=outputs,
+            functions=tuple(sorted(merged.functions)),
+            has_where=where is not None,
+            where_trivially_true=_trivially_true(where),
+            **common,
+        )
+
+    def _insert(self, tree: exp.Insert, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        _reject_with_writes(tree)
+        schema_node = tree.this
+        columns: list[str]
+        if isinstance(schema_node, exp.Schema):
+            table = schema_node.this
+            columns = [c.name for c in schema_node.expressions]
+        else:
+            table = schema_node
+            columns = []
+        target = self._target(table, catalog)
+        if not columns:
+            columns = list(target.columns)
+        alias = table.alias or target.name
+        reads: list[exp.Select] = []
+        source = tree.expression
+        if isinstance(source, exp.Values):
+            values = [e.copy() for row in source.expressions for e in row.expressions]
+            reads.append(exp.Select(expressions=values or [exp.null()]))
+        elif isinstance(source, exp.Query):
+            _reject_select_extras(source)
+            reads.append(source.copy())  # type: ignore[arg-type]
+        elif source is not None:
+            raise _deny("INSERT source must be VALUES or a query")
+        conflict = tree.args.get("conflict")
+        if conflict is not None:
+            action = conflict.args.get("action")
+            for eq in conflict.args.get("expressions") or []:
+                columns.append(eq.this.name)
+            sets = [eq.expression.copy() for eq in conflict.args.get("expressions") or []]
+            if sets or conflict.args.get("where") is not None:
+                select = _synthetic(sets, table, alias, [exp.to_table(target.qualified).as_("excluded")],
+                                    conflict.args.get("where"))
+                reads.append(select)
+            elif action is not None and "NOTHING" not in str(action).upper():
+                raise _deny("unsupported ON CONFLICT action")
+        returning = _returning(tree, table, alias, [])
+        return self._write_facts(
+            "insert", target, columns, reads, returning, None, catalog, common
+        )
+
+    def _update(self, tree: exp.Update, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        _reject_with_writes(tree)
+        table = tree.this
+        target = self._target(table, catalog)
+        alias = table.alias or target.name
+        extra = _from_tables(tree.args.get("from_")) + _join_tables(tree.args.get("joins"))
+        where = tree.args.get("where")
+        written = []
+        values = []
+        for eq in tree.expressions:
+            if not isinstance(eq, exp.EQ) or not isinstance(eq.this, exp.Column):
+                raise _deny("SET must assign plain columns")
+            if eq.this.table and eq.this.table != alias:
+                raise _deny("SET columns must belong to the updated table")
+            written.append(eq.this.name)
+            values.append(eq.expression.copy())
+        read = _synthetic(values, table, alias, extra, where.this if where else None)
+        returning = _returning(tree, table, alias, extra)
+        return self._write_facts(
+            "update", target, written, [read], returning, where, catalog, common
+        )
+
+    def _delete(self, tree: exp.Delete, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        _reject_with_writes(tree)
+        table = tree.this
+        target = self._target(table, catalog)
+        alias = table.alias or target.name
+        extra = [t.copy() for t in tree.args.get("using") or []]
+        where = tree.args.get("where")
+        read = _synthetic([exp.null()], table, alias, extra, where.this if where else None)
+        returning = _returning(tree, table, alias, extra)
+        return self._write_facts(
+            "delete", target, [], [read], returning, where, catalog, common
+        )
+
+    def _ddl(self, tree: exp.Expression, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        if isinstance(tree, exp.TruncateTable):
+            operation, object_type = "truncate", "table"
+            tables = list(tree.expressions)
+        elif isinstance(tree, exp.Drop):
+            operation, object_type = "drop", str(tree.args.get("kind") or "").lower()
+            tables = list(tree.args.get("tables") or [tree.this])
+        elif isinstance(tree, exp.Alter):
+            operation, object_type = "alter", str(tree.args.get("kind") or "").lower()
+            tables = [tree.this]
+        else:
+            operation, object_type = "create", str(tree.args.get("kind") or "").lower()
+            if tree.args.get("expression") is not None:
+                raise _deny("CREATE … AS a query is not supported")
+            target = tree.this
+            tables = [target.this if isinstance(target, exp.Schema) else target]
+            if isinstance(target, exp.Index):
+                tables = [target.args["table"]] if target.args.get("table") else []
+        targets = []
+        for table in tables:
+            if not isinstance(table, exp.Table):
+                raise _deny(f"cannot determine the target of this {operation}")
+            relation = catalog.resolve(table.name, table.db or None)
+            if relation is not None:
+                targets.append(relation.qualified)
+            elif operation == "create" and object_type != "index":
+                schema = table.db or catalog.schemas[0]
+                if schema not in catalog.schemas:
+                    raise _unknown(f"schema {schema} is not visible through the gateway")
+                targets.append(f"{schema}.{table.name}")
+            elif tree.args.get("exists"):
+                targets.append(f"{table.db or catalog.schemas[0]}.{table.name}")
+            else:
+                raise _unknown(f"{_display(table)} does not exist", object=_display(table))
+        return QueryFacts(
+            kind="ddl",
+            tables_write=tuple(targets),
+            ddl=DdlFacts(operation, object_type or "unknown", tuple(targets)),
+            **common,
+        )
+
+    # --- the resolver --------------------------------------------------------------------
+
+    def _analyse(self, tree: exp.Query, catalog: Catalog) -> _Analysis:
+        tree = tree.copy()
+        _qualify_tables(tree, catalog)
+        qualified = qualify(
+            tree,
+            schema=self._schema(catalog),
+            dialect="postgres",
+            validate_qualify_columns=True,
+            expand_stars=True,
+            quote_identifiers=False,
+            identify=False,
+        )
+        return _Resolver(catalog).run(qualified)
+
+
+class _Resolver:
+    """Walks qualified scopes bottom-up, computing lineage for every projection."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.analysis = _Analysis()
+        self.outputs: dict[int, list[tuple[str, _Col]]] = {}
+        self.scopes: dict[int, Scope] = {}
+
+    def run(self, tree: exp.Expression) -> _Analysis:
+        scopes = traverse_scope(tree)
+        for scope in scopes:
+            self.scopes[id(scope.expression)] = scope
+        for scope in scopes:
+            self._scope(scope)
+        root = scopes[-1]
+        self.analysis.outputs = [
+            Output(name, tuple(sorted(col.sources)), col.derivation)
+            for name, col in self.outputs[id(root.expression)]
+        ]
+        for whole in tree.find_all(exp.TableColumn):
+            raise _deny(
+                f"whole-row reference {whole.name!r} is not supported; name the columns"
+            )
+        for node in tree.find_all(exp.Func):
+            if isinstance(node, _NOT_FUNCTIONS):
+                continue
+            name = function_name(node)
+            if name:
+                check_function(name)
+                self.analysis.functions.add(name)
+        for star in tree.find_all(exp.Star):
+            if not isinstance(star.parent, exp.Count):
+                raise _deny("unexpanded * (only count(*) is allowed)")
+        return self.analysis
+
+    def _scope(self, scope: Scope) -> None:
+        node = scope.expression
+        if isinstance(node, exp.SetOperation):
+            left = self.outputs[id(node.left)]
+            right = self.outputs[id(node.right)]
+            if len(left) != len(right):
+                raise _deny("set operation branches have different column counts")
+            self.outputs[id(node)] = [
+                (name, _Col(a.sources | b.sources, _max_derivation(a.derivation, b.derivation)))
+                for (name, a), (_, b) in zip(left, right, strict=True)
+            ]
+            return
+        if isinstance(node, exp.Lateral) and isinstance(node.this, exp.Subquery):
+            # A LATERAL subquery is a derived table that may see earlier FROM items.
+            self.outputs[id(node)] = self.outputs[id(node.this.this)]
+            return
+        if not isinstance(node, exp.Select):
+            raise _deny(f"unsupported query form {node.key}")
+        self._scope_select(scope, node)
+
+    def _scope_select(self, scope: Scope, node: exp.Expression) -> None:
+        if not isinstance(node, exp.Select):
+            raise _deny(f"unsupported query form {node.key}")
+        for source in scope.sources.values():
+            if isinstance(source, exp.Table):
+                self._check_table(source)
+        for column in scope.columns:
+            col = self._column(scope, column)
+            self.analysis.columns_read |= col.sources
+            if _in_predicate(column, node):
+                self.analysis.columns_predicate |= col.sources
+        outputs = []
+        for projection in node.selects:
+            outputs.append((_output_name(projection), self._expr(scope, projection.unalias())))
+        self.outputs[id(node)] = outputs
+        # A subquery used as a filter (IN, EXISTS, comparison) decides which rows appear:
+        # everything it outputs is a predicate of the enclosing query.
+        if scope.is_subquery and _in_predicate(node, scope.parent.expression if scope.parent else None):
+            for _, col in outputs:
+                self.analysis.columns_predicate |= col.sources
+
+    def _check_table(self, table: exp.Table) -> None:
+        if not isinstance(table.this, exp.Identifier):
+            raise _deny("table functions are not supported", object=table.sql("postgres"))
+        relation = self.catalog.resolve(table.name, table.db or None)
+        if relation is None:
+            raise _unknown(f"table {_display(table)} does not exist", object=_display(table))
+        self.analysis.tables_read.add(relation.qualified)
+
+    def _source(self, scope: Scope, name: str) -> exp.Table | Scope | None:
+        current: Scope | None = scope
+        while current is not None:
+            source = current.sources.get(name)
+            if source is not None:
+                return source  # type: ignore[no-any-return]
+            current = current.parent
+        return None
+
+    def _column(self, scope: Scope, column: exp.Column) -> _Col:
+        if not column.table:
+            if self._source(scope, column.name) is not None:
+                raise _deny(
+                    f"whole-row reference {column.name!r} is not supported; name the columns"
+                )
+            raise _unknown(f"column {column.name} does not resolve", object=column.name)
+        source = self._source(scope, column.table)
+        if source is None:
+            raise _unknown(f"{column.table}.{column.name} does not resolve")
+        if isinstance(source, exp.Table):
+            relation = self.catalog.resolve(source.name, source.db or None)
+            if relation is None or column.name not in relation.columns:
+                target = f"{relation.qualified if relation else _display(source)}.{column.name}"
+                raise _unknown(f"column {target} does not exist", object=target)
+            return _Col(frozenset({f"{relation.qualified}.{column.name}"}), "direct")
+        outputs = self.outputs.get(id(source.expression))
+        if outputs is None:
+            # The recursive member of a CTE refers to itself: its anchor defines the columns.
+            anchor = source.expression
+            while isinstance(anchor, exp.SetOperation):
+                anchor = anchor.left
+            outputs = self.outputs.get(id(anchor))
+        for name, col in outputs or []:
+            if name == column.name:
+                return col
+        raise _unknown(f"column {column.table}.{column.name} does not resolve")
+
+    def _expr(self, scope: Scope, node: exp.Expression) -> _Col:
+        if isinstance(node, exp.Column):
+            return self._column(scope, node)
+        if isinstance(node, exp.Subquery) and isinstance(node.this, exp.Query):
+            inner = self.outputs.get(id(node.this))
+            if inner and len(inner) == 1:
+                return inner[0][1]
+        sources: set[str] = set()
+        derivation: Derivation = "expression"
+        for child in _walk_scope(node):
+            if isinstance(child, exp.Column):
+                col = self._column(scope, child)
+                sources |= col.sources
+                derivation = _max_derivation(derivation, col.derivation)
+            elif isinstance(child, (exp.AggFunc, exp.Window)):
+                derivation = "aggregate"
+            elif isinstance(child, exp.Query):
+                for _, col in self.outputs.get(id(child), []):
+                    sources |= col.sources
+                    derivation = _max_derivation(derivation, col.derivation)
+        return _Col(frozenset(sources), derivation)
+
+
+def _output_name(projection: exp.Expression) -> str:
+    """The column name PostgreSQL reports: the alias, else one derived from the expression."""
+    name = projection.alias_or_name
+    # sqlglot's qualifier names unaliased expressions _col_N; PostgreSQL does otherwise.
+    if not (isinstance(projection, exp.Alias) and re.fullmatch(r"_col_\d+", name)):
+        return name
+    node = projection.this
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Cast):
+        inner = node.this
+        if isinstance(inner, exp.Column):
+            return inner.name
+        return node.to.sql(dialect="postgres").lower()
+    if isinstance(node, exp.Column):
+        return node.name
+    if isinstance(node, exp.Func):
+        return function_name(node) or "?column?"
+    if isinstance(node, exp.Subquery) and isinstance(node.this, exp.Select):
+        return _output_name(node.this.selects[0]) if node.this.selects else "?column?"
+    return "?column?"
+
+
+def _walk_scope(node: exp.Expression) -> Iterator[exp.Expression]:
+    """Yield nodes of one scope, stopping at (but yielding) nested queries."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        if isinstance(current, exp.Query) and current is not node:
+            continue
+        stack.extend(current.iter_expressions())
+
+
+def _in_predicate(node: exp.Expression, root: exp.Expression | None) -> bool:
+    """Whether ``node`` sits in a clause of ``root`` that decides which rows appear."""
+    child = node
+    parent = node.parent
+    while parent is not None and parent is not root:
+        if isinstance(parent, (exp.Where, exp.Having, exp.Group, exp.Order, exp.Qualify)):
+            return True
+        if isinstance(parent, exp.Window) and child is not parent.this:
+            return True
+        if isinstance(parent, exp.Join) and child is not parent.this:
+            return True
+        if isinstance(parent, exp.Distinct) and child in (parent.args.get("on") or exp.Tuple()).expressions:
+            return True
+        child, parent = parent, parent.parent
+    if parent is root and root is not None and isinstance(root, exp.Select):
+        return child.arg_key in ("where", "having", "group", "order", "qualify", "joins")
+    return False
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _display(table: exp.Table) -> str:
+    return f"{table.db}.{table.name}" if table.db else table.name
+
+
+def _check_depth(tree: exp.Expression) -> None:
+    """Refuse trees deeper than we are willing to walk recursively."""
+    stack: list[tuple[exp.Expression, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise BadRequest("sql_too_complex", f"the SQL nests deeper than {_MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
+
+
+def _check_placeholders(tree: exp.Expression) -> int:
+    """PostgreSQL's $n parameters only; return how many the statement expects."""
+    highest = 0
+    for node in tree.find_all(exp.Placeholder, exp.Parameter):
+        if isinstance(node, exp.Placeholder):
+            raise _deny("only PostgreSQL $n parameters are supported (not ?, :name or %s)")
+        value = node.this
+        if not (isinstance(value, exp.Literal) and value.this.isdigit()):
+            raise _deny("only PostgreSQL $n parameters are supported")
+        number = int(value.this)
+        if number < 1:
+            raise _deny("parameters are numbered from $1")
+        highest = max(highest, number)
+    return highest
+
+
+def _fingerprint(tree: exp.Expression) -> str:
+    """sha256 of the statement with literals replaced, so queries that differ in values match."""
+    normal = tree.copy()
+    for literal in list(normal.find_all(exp.Literal)):
+        literal.replace(exp.Placeholder())
+    return "sha256:" + hashlib.sha256(normal.sql(dialect="postgres").encode()).hexdigest()
+
+
+def _reject_select_extras(tree: exp.Expression) -> None:
+    for select in tree.find_all(exp.Select):
+        if select.args.get("into") is not None:
+            raise _deny("SELECT … INTO creates a table; use CREATE TABLE through policy")
+        if select.args.get("locks"):
+            raise _deny("locking clauses (FOR UPDATE/SHARE) are not supported")
+    _reject_with_writes(tree)
+
+
+def _reject_with_writes(tree: exp.Expression) -> None:
+    """Data-modifying statements nested anywhere (a writable CTE) are refused."""
+    for node in tree.find_all(*_WRITE_NODES, *_DDL_NODES, exp.Command):
+        if node is not tree:
+            raise _deny("data-modifying statements inside a query (writable CTEs) are not supported")
+
+
+def _qualify_tables(tree: exp.Expression, catalog: Catalog) -> None:
+    """Give every catalog table its schema, as PostgreSQL's search_path would; CTEs stay."""
+    for table in list(tree.find_all(exp.Table)):
+        if not isinstance(table.this, exp.Identifier):
+            raise _deny("table functions are not supported", object=table.sql("postgres"))
+        if table.args.get("catalog") is not None:
+            raise _unknown(f"cross-database reference {table.sql('postgres')} is not supported")
+        if table.db or _is_cte_reference(table):
+            continue
+        relation = catalog.resolve(table.name, None)
+        if relation is None:
+            raise _unknown(f"table {table.name} does not exist", object=table.name)
+        table.set("db", exp.to_identifier(relation.schema))
+    for node in tree.find_all(exp.Unnest, exp.Lateral):
+        if isinstance(node, exp.Lateral) and isinstance(node.this, exp.Subquery):
+            continue
+        raise _deny("table functions (unnest, LATERAL function calls) are not supported")
+
+
+def _is_cte_reference(table: exp.Table) -> bool:
+    """Whether an unqualified name refers to a CTE visible at this point (PostgreSQL rules)."""
+    child: exp.Expression = table
+    parent = table.parent
+    while parent is not None:
+        with_ = parent.args.get("with_") if isinstance(parent, exp.Query) else None
+        if isinstance(parent, exp.With):
+            with_ = parent
+        if isinstance(with_, exp.With):
+            ctes = with_.expressions
+            recursive = bool(with_.args.get("recursive"))
+            inside = next((i for i, cte in enumerate(ctes) if child is cte), None)
+            # Non-recursive: a CTE sees only the ones defined before it; recursive: all.
+            visible = ctes if recursive or inside is None else ctes[:inside]
+            if any(cte.alias_or_name == table.name for cte in visible):
+                return True
+        child, parent = parent, parent.parent
+    return False
+
+
+def _from_tables(from_: exp.Expression | None) -> list[exp.Expression]:
+    if from_ is None:
+        return []
+    return [from_.this.copy()]
+
+
+def _join_tables(joins: list[exp.Expression] | None) -> list[exp.Expression]:
+    return [j.copy() for j in joins or []]
+
+
+def _synthetic(
+    projections: list[exp.Expression],
+    table: exp.Table,
+    alias: str,
+    extra: list[exp.Expression],
+    where: exp.Expression | None,
+) -> exp.Select:
+    """SELECT projections FROM target AS alias, extra… WHERE where — for analysis only."""
+    target = table.copy()
+    target.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+    select = exp.Select(expressions=projections or [exp.null()])
+    select.set("from_", exp.From(this=target))
+    joins = [j if isinstance(j, exp.Join) else exp.Join(this=j) for j in extra]
+    if joins:
+        select.set("joins", joins)
+    if where is not None:
+        select.set("where", exp.Where(this=where.copy()))
+    return select
+
+
+def _returning(
+    tree: exp.Expression, table: exp.Table, alias: str, extra: list[exp.Expression]
+) -> exp.Select | None:
+    returning = tree.args.get("returning")
+    if returning is None:
+        return None
+    projections = [e.copy() for e in returning.expressions]
+    return _synthetic(projections, table, alias, [e.copy() for e in extra], None)
+
+
+def _limit(tree: exp.Expression) -> int | None:
+    limit = tree.args.get("limit") or tree.args.get("fetch")
+    if limit is None:
+        return None
+    value = limit.args.get("expression") or limit.args.get("count")
+    if isinstance(value, exp.Literal) and value.is_int:
+        return int(value.this)
+    return None
+
+
+def _trivially_true(where: exp.Expression | None) -> bool:
+    """A WHERE that keeps every row: constant truth, x = x, … OR true."""
+    if where is None:
+        return False
+    condition = where.this if isinstance(where, exp.Where) else where
+    return _always_true(condition)
+
+
+def _always_true(node: exp.Expression) -> bool:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Or):
+        return _always_true(node.left) or _always_true(node.right)
+    if isinstance(node, exp.And):
+        return _always_true(node.left) and _always_true(node.right)
+    if isinstance(node, (exp.EQ, exp.GTE, exp.LTE, exp.NullSafeEQ)) and node.left == node.right:
+        return True
+    if not any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
+        try:
+            simplified = simplify(node.copy())
+        except Exception:  # noqa: BLE001 - a failed simplification just means "not proven"
+            return False
+        return isinstance(simplified, exp.Boolean) and simplified.this is True
+    return False

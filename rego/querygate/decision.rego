@@ -1,0 +1,159 @@
+# The gateway asks for data.querygate.decision and treats an undefined,
+# erroring or malformed answer as a denial. Every part of `decision` therefore
+# has a default, so a defined object comes back even for `{}` as input.
+#
+# Allow-list: a query runs only if some `permit` fires and no `deny` fires.
+# A deny rule that touches input which might be undefined would silently stop
+# firing exactly when input is odd. So deny rules negate named helper rules
+# (`not known_kind`), never a raw expression: `not input.query.kind in xs` is
+# evaluated with its operands outside the `not`, and is *false* when the kind
+# is missing. Messages are constants unless the value is known to exist.
+package querygate
+
+# Tunable without code: rego/querygate/config/data.json. If it is missing,
+# every lookup below is undefined and the policy denies everything.
+cfg := data.querygate.config
+
+decision := {
+	"allow": allow,
+	"reasons": reasons,
+	"masks": masks,
+	"require_approval": require_approval,
+	"max_rows": max_rows,
+}
+
+default allow := false
+
+allow if {
+	count(deny) == 0
+	count(permit) > 0
+}
+
+# Explain the outcome with the rules that produced it: permits when allowed,
+# denies when denied, and default_deny when nothing spoke up at all.
+default reasons := [{"rule": "default_deny", "message": "no rule permits this query"}]
+
+reasons := sorted_reasons(permit) if allow
+
+reasons := sorted_reasons(deny) if count(deny) > 0
+
+# Sets of objects sort by key order ("message" before "rule"); sort by rule
+# name explicitly so the audit log reads in a stable, meaningful order.
+sorted_reasons(rs) := [{"rule": p[0], "message": p[1]} |
+	some p in sort([[r.rule, r.message] | some r in rs])
+]
+
+# Masking is a later issue; column_masks in data is empty until then. Keys
+# are source columns ("schema.table.column"): the gateway carries a mask to
+# every output derived from that column, so policy never reasons about aliases.
+masks[column] := strategy if {
+	some column in input.query.columns.read
+	strategy := cfg.column_masks[column]
+}
+
+require_approval := null
+
+# A row limit only means something for a query that will run.
+default max_rows := null
+
+max_rows := cfg.default_max_rows if allow
+
+# ---------------------------------------------------------------- facts
+
+default groups := set()
+
+groups := {g | some g in input.identity.groups} if is_array(input.identity.groups)
+
+is_reader if {
+	some g in groups
+	g in cfg.reader_groups
+}
+
+is_writer if {
+	some g in groups
+	g in cfg.writer_groups
+}
+
+# A query is read-only only if the extractor positively says it writes
+# nothing; a missing or malformed write list counts as a write.
+read_only if input.query.tables.write == []
+
+is_write if input.query.kind in {"insert", "update", "delete", "merge"}
+
+is_write if not read_only
+
+is_ddl if input.query.kind == "ddl"
+
+ddl_forbidden_here if input.environment in cfg.ddl_forbidden_environments
+
+# ---------------------------------------------------------------- deny
+
+deny contains {"rule": "missing_subject", "message": "the identity has no subject (sub)"} if {
+	not valid_subject
+}
+
+valid_subject if {
+	is_string(input.identity.sub)
+	input.identity.sub != ""
+}
+
+deny contains {"rule": "malformed_groups", "message": "identity.groups must be a list of group names"} if {
+	not well_formed_groups
+}
+
+well_formed_groups if {
+	is_array(input.identity.groups)
+	every g in input.identity.groups {
+		is_string(g)
+	}
+}
+
+deny contains {"rule": "unknown_environment", "message": "environment is not one of the known environments"} if {
+	not known_environment
+}
+
+known_environment if input.environment in cfg.environments
+
+deny contains {"rule": "unknown_kind", "message": "query kind is not one of the known statement kinds"} if {
+	not known_kind
+}
+
+known_kind if input.query.kind in cfg.known_kinds
+
+deny contains {"rule": "write_requires_writer_group", "message": "writing to tables requires a writer group"} if {
+	is_write
+	not is_writer
+}
+
+# No exception for writer groups: schema changes in these environments go
+# through migrations, not through the gateway.
+deny contains {"rule": "ddl_forbidden_in_environment", "message": msg} if {
+	is_ddl
+	ddl_forbidden_here
+	msg := sprintf("DDL is never allowed in %s", [input.environment])
+}
+
+deny contains {"rule": "ddl_requires_writer_group", "message": "DDL requires a writer group"} if {
+	is_ddl
+	not is_writer
+}
+
+# ---------------------------------------------------------------- permit
+
+permit contains {"rule": "reader_group_select", "message": "reader groups may run read-only selects"} if {
+	input.query.kind == "select"
+	read_only
+	is_reader
+}
+
+permit contains {"rule": "writer_group_write", "message": "writer groups may write to tables"} if {
+	is_write
+	is_writer
+}
+
+permit contains {"rule": "writer_group_ddl", "message": msg} if {
+	is_ddl
+	is_writer
+	not ddl_forbidden_here
+	msg := sprintf("writer groups may run DDL in %s", [input.environment])
+}
