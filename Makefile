@@ -61,7 +61,7 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) policy-test ## install what is needed and run every test
+test: venv $(OPA) lint policy-test ## install what is needed, lint, and run every test
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(VENV)/bin/pytest
 
 .PHONY: clean

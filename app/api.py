@@ -127,7 +127,7 @@ class Gateway:
                     await self.refresh_catalog()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - retried on the next tick
+            except Exception as exc:
                 log.warning("database maintenance failed: %s", type(exc).__name__)
             await asyncio.sleep(CATALOG_REFRESH_S if self.pool is not None else 1.0)
 
@@ -333,7 +333,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         try:
             await gateway.connect()
-        except Exception as exc:  # noqa: BLE001 - not ready until maintain() connects
+        except Exception as exc:
             log.warning("database not reachable at start-up: %s", type(exc).__name__)
         gateway.tasks.append(asyncio.create_task(gateway.maintain()))
         app.state.gateway = gateway
@@ -438,7 +438,7 @@ def create_app(settings: Settings) -> FastAPI:
                     await conn.fetchval("SELECT 1")
                 db_ok = True
                 checks["database"] = "ok"
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            except Exception as exc:
                 checks["database"] = f"unreachable: {type(exc).__name__}"
         ready = ok and db_ok
         if not ready:

@@ -151,7 +151,7 @@ DENIED_FUNCTION_PATTERNS = (
 )
 
 # sqlglot renders some PostgreSQL functions under its own names; policy sees PostgreSQL's.
-_FUNCTION_NAME_CACHE: dict[type[exp.Expression], str] = {}
+_FUNCTION_NAME_CACHE: dict[type[exp.Func], str] = {}
 _NOT_FUNCTIONS = (exp.Cast, exp.TryCast, exp.Paren)
 
 
@@ -162,7 +162,7 @@ def function_name(node: exp.Func) -> str:
         name = node.name.lower()
         parent = node.parent
         if isinstance(parent, exp.Dot) and parent.expression is node:
-            schema = parent.this.name.lower() if isinstance(parent.this, exp.Expression) else ""
+            schema = parent.this.name.lower() if isinstance(parent.this, exp.Expr) else ""
             if schema and schema != "pg_catalog":
                 return f"{schema}.{name}"
         return name
@@ -263,7 +263,7 @@ class FactsExtractor:
         if schema is None:
             # Types are irrelevant to resolution and PostgreSQL type names sqlglot cannot
             # parse would only add failure modes.
-            mapping = {
+            mapping: dict[str, object] = {
                 s: {t: dict.fromkeys(rel.columns, "unknown") for t, rel in tables.items()}
                 for s, tables in catalog.relations.items()
             }
@@ -308,7 +308,7 @@ class FactsExtractor:
 
     # --- per statement kind ------------------------------------------------------------
 
-    def _facts(self, sql: str, tree: exp.Expression, catalog: Catalog) -> QueryFacts:
+    def _facts(self, sql: str, tree: exp.Expr, catalog: Catalog) -> QueryFacts:
         tree = normalize_identifiers(tree, dialect="postgres")
         params = _check_placeholders(tree)
         fingerprint = _fingerprint(tree)
@@ -350,7 +350,7 @@ class FactsExtractor:
             **common,
         )
 
-    def _target(self, table: exp.Expression, catalog: Catalog) -> Relation:
+    def _target(self, table: exp.Expr, catalog: Catalog) -> Relation:
         if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
             raise _deny("the target of a write must be a plain table")
         relation = catalog.resolve(table.name, table.db or None)
@@ -367,7 +367,7 @@ class FactsExtractor:
         written: Iterable[str],
         reads: list[exp.Select],
         returning: exp.Select | None,
-        where: exp.Expression | None,
+        where: exp.Expr | None,
         catalog: Catalog,
         common: dict[str, Any],
     ) -> QueryFacts:
@@ -483,7 +483,7 @@ class FactsExtractor:
             "delete", target, [], [read], returning, where, catalog, common
         )
 
-    def _ddl(self, tree: exp.Expression, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+    def _ddl(self, tree: exp.Expr, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
         if isinstance(tree, exp.TruncateTable):
             operation, object_type = "truncate", "table"
             tables = list(tree.expressions)
@@ -550,7 +550,7 @@ class _Resolver:
         self.outputs: dict[int, list[tuple[str, _Col]]] = {}
         self.scopes: dict[int, Scope] = {}
 
-    def run(self, tree: exp.Expression) -> _Analysis:
+    def run(self, tree: exp.Expr) -> _Analysis:
         scopes = traverse_scope(tree)
         for scope in scopes:
             self.scopes[id(scope.expression)] = scope
@@ -597,7 +597,7 @@ class _Resolver:
             raise _deny(f"unsupported query form {node.key}")
         self._scope_select(scope, node)
 
-    def _scope_select(self, scope: Scope, node: exp.Expression) -> None:
+    def _scope_select(self, scope: Scope, node: exp.Expr) -> None:
         if not isinstance(node, exp.Select):
             raise _deny(f"unsupported query form {node.key}")
         for source in scope.sources.values():
@@ -663,7 +663,7 @@ class _Resolver:
                 return col
         raise _unknown(f"column {column.table}.{column.name} does not resolve")
 
-    def _expr(self, scope: Scope, node: exp.Expression) -> _Col:
+    def _expr(self, scope: Scope, node: exp.Expr) -> _Col:
         if isinstance(node, exp.Column):
             return self._column(scope, node)
         if isinstance(node, exp.Subquery) and isinstance(node.this, exp.Query):
@@ -686,7 +686,7 @@ class _Resolver:
         return _Col(frozenset(sources), derivation)
 
 
-def _output_name(projection: exp.Expression) -> str:
+def _output_name(projection: exp.Expr) -> str:
     """The column name PostgreSQL reports: the alias, else one derived from the expression."""
     name = projection.alias_or_name
     # sqlglot's qualifier names unaliased expressions _col_N; PostgreSQL does otherwise.
@@ -709,7 +709,7 @@ def _output_name(projection: exp.Expression) -> str:
     return "?column?"
 
 
-def _walk_scope(node: exp.Expression) -> Iterator[exp.Expression]:
+def _walk_scope(node: exp.Expr) -> Iterator[exp.Expr]:
     """Yield nodes of one scope, stopping at (but yielding) nested queries."""
     stack = [node]
     while stack:
@@ -720,7 +720,7 @@ def _walk_scope(node: exp.Expression) -> Iterator[exp.Expression]:
         stack.extend(current.iter_expressions())
 
 
-def _in_predicate(node: exp.Expression, root: exp.Expression | None) -> bool:
+def _in_predicate(node: exp.Expr, root: exp.Expr | None) -> bool:
     """Whether ``node`` sits in a clause of ``root`` that decides which rows appear."""
     child = node
     parent = node.parent
@@ -731,7 +731,7 @@ def _in_predicate(node: exp.Expression, root: exp.Expression | None) -> bool:
             return True
         if isinstance(parent, exp.Join) and child is not parent.this:
             return True
-        if isinstance(parent, exp.Distinct) and child in (parent.args.get("on") or exp.Tuple()).expressions:
+        if isinstance(parent, exp.Distinct) and child is parent.args.get("on"):
             return True
         child, parent = parent, parent.parent
     if parent is root and root is not None and isinstance(root, exp.Select):
@@ -746,9 +746,9 @@ def _display(table: exp.Table) -> str:
     return f"{table.db}.{table.name}" if table.db else table.name
 
 
-def _check_depth(tree: exp.Expression) -> None:
+def _check_depth(tree: exp.Expr) -> None:
     """Refuse trees deeper than we are willing to walk recursively."""
-    stack: list[tuple[exp.Expression, int]] = [(tree, 0)]
+    stack: list[tuple[exp.Expr, int]] = [(tree, 0)]
     while stack:
         node, depth = stack.pop()
         if depth > _MAX_DEPTH:
@@ -756,7 +756,7 @@ def _check_depth(tree: exp.Expression) -> None:
         stack.extend((child, depth + 1) for child in node.iter_expressions())
 
 
-def _check_placeholders(tree: exp.Expression) -> int:
+def _check_placeholders(tree: exp.Expr) -> int:
     """PostgreSQL's $n parameters only; return how many the statement expects."""
     highest = 0
     for node in tree.find_all(exp.Placeholder, exp.Parameter):
@@ -772,7 +772,7 @@ def _check_placeholders(tree: exp.Expression) -> int:
     return highest
 
 
-def _fingerprint(tree: exp.Expression) -> str:
+def _fingerprint(tree: exp.Expr) -> str:
     """sha256 of the statement with literals replaced, so queries that differ in values match."""
     normal = tree.copy()
     for literal in list(normal.find_all(exp.Literal)):
@@ -780,7 +780,7 @@ def _fingerprint(tree: exp.Expression) -> str:
     return "sha256:" + hashlib.sha256(normal.sql(dialect="postgres").encode()).hexdigest()
 
 
-def _reject_select_extras(tree: exp.Expression) -> None:
+def _reject_select_extras(tree: exp.Expr) -> None:
     for select in tree.find_all(exp.Select):
         if select.args.get("into") is not None:
             raise _deny("SELECT … INTO creates a table; use CREATE TABLE through policy")
@@ -789,14 +789,14 @@ def _reject_select_extras(tree: exp.Expression) -> None:
     _reject_with_writes(tree)
 
 
-def _reject_with_writes(tree: exp.Expression) -> None:
+def _reject_with_writes(tree: exp.Expr) -> None:
     """Data-modifying statements nested anywhere (a writable CTE) are refused."""
     for node in tree.find_all(*_WRITE_NODES, *_DDL_NODES, exp.Command):
         if node is not tree:
-            raise _deny("data-modifying statements inside a query (writable CTEs) are not supported")
+            raise _deny("data-modifying statements inside a query (writable CTEs) are refused")
 
 
-def _qualify_tables(tree: exp.Expression, catalog: Catalog) -> None:
+def _qualify_tables(tree: exp.Expr, catalog: Catalog) -> None:
     """Give every catalog table its schema, as PostgreSQL's search_path would; CTEs stay."""
     for table in list(tree.find_all(exp.Table)):
         if not isinstance(table.this, exp.Identifier):
@@ -817,7 +817,7 @@ def _qualify_tables(tree: exp.Expression, catalog: Catalog) -> None:
 
 def _is_cte_reference(table: exp.Table) -> bool:
     """Whether an unqualified name refers to a CTE visible at this point (PostgreSQL rules)."""
-    child: exp.Expression = table
+    child: exp.Expr = table
     parent = table.parent
     while parent is not None:
         with_ = parent.args.get("with_") if isinstance(parent, exp.Query) else None
@@ -835,22 +835,22 @@ def _is_cte_reference(table: exp.Table) -> bool:
     return False
 
 
-def _from_tables(from_: exp.Expression | None) -> list[exp.Expression]:
+def _from_tables(from_: exp.Expr | None) -> list[exp.Expr]:
     if from_ is None:
         return []
     return [from_.this.copy()]
 
 
-def _join_tables(joins: list[exp.Expression] | None) -> list[exp.Expression]:
+def _join_tables(joins: list[exp.Expr] | None) -> list[exp.Expr]:
     return [j.copy() for j in joins or []]
 
 
 def _synthetic(
-    projections: list[exp.Expression],
+    projections: list[exp.Expr],
     table: exp.Table,
     alias: str,
-    extra: list[exp.Expression],
-    where: exp.Expression | None,
+    extra: list[exp.Expr],
+    where: exp.Expr | None,
 ) -> exp.Select:
     """SELECT projections FROM target AS alias, extra… WHERE where — for analysis only."""
     target = table.copy()
@@ -866,7 +866,7 @@ def _synthetic(
 
 
 def _returning(
-    tree: exp.Expression, table: exp.Table, alias: str, extra: list[exp.Expression]
+    tree: exp.Expr, table: exp.Table, alias: str, extra: list[exp.Expr]
 ) -> exp.Select | None:
     returning = tree.args.get("returning")
     if returning is None:
@@ -875,7 +875,7 @@ def _returning(
     return _synthetic(projections, table, alias, [e.copy() for e in extra], None)
 
 
-def _limit(tree: exp.Expression) -> int | None:
+def _limit(tree: exp.Expr) -> int | None:
     limit = tree.args.get("limit") or tree.args.get("fetch")
     if limit is None:
         return None
@@ -885,7 +885,7 @@ def _limit(tree: exp.Expression) -> int | None:
     return None
 
 
-def _trivially_true(where: exp.Expression | None) -> bool:
+def _trivially_true(where: exp.Expr | None) -> bool:
     """A WHERE that keeps every row: constant truth, x = x, … OR true."""
     if where is None:
         return False
@@ -893,7 +893,7 @@ def _trivially_true(where: exp.Expression | None) -> bool:
     return _always_true(condition)
 
 
-def _always_true(node: exp.Expression) -> bool:
+def _always_true(node: exp.Expr) -> bool:
     while isinstance(node, exp.Paren):
         node = node.this
     if isinstance(node, exp.Or):
@@ -905,7 +905,7 @@ def _always_true(node: exp.Expression) -> bool:
     if not any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
         try:
             simplified = simplify(node.copy())
-        except Exception:  # noqa: BLE001 - a failed simplification just means "not proven"
+        except Exception:
             return False
         return isinstance(simplified, exp.Boolean) and simplified.this is True
     return False

@@ -152,13 +152,13 @@ class PolicyClient:
     async def ready(self) -> tuple[bool, str]:
         """OPA healthy and the decision package loaded."""
         if not self._admin_open:
-            await self._admin._init_session()  # noqa: SLF001 - the client has no public opener
+            await self._admin._init_session()
             self._admin_open = True
         try:
             if not await self._admin.check_health():
                 return False, "OPA is not healthy"
             policies = await self._admin.get_policies_list()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        except Exception as exc:
             return False, f"OPA is unreachable: {type(exc).__name__}"
         if not policies:
             return False, "OPA has no policies loaded"
