@@ -47,8 +47,6 @@ from app.policy import Decision, PolicyClient
 log = logging.getLogger("querygate.api")
 decisions_log = logging.getLogger("querygate.decisions")
 
-CATALOG_REFRESH_S = 60.0
-
 
 class QueryRequest(BaseModel):
     """The body of /v1/query and /v1/explain."""
@@ -129,7 +127,7 @@ class Gateway:
                 raise
             except Exception as exc:
                 log.warning("database maintenance failed: %s", type(exc).__name__)
-            await asyncio.sleep(CATALOG_REFRESH_S if self.pool is not None else 1.0)
+            await asyncio.sleep(self.settings.catalog_refresh_s if self.pool is not None else 1.0)
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -409,6 +407,24 @@ def create_app(settings: Settings) -> FastAPI:
                     "require_approval": decision.require_approval,
                     "max_rows": decision.max_rows,
                 },
+            }
+        )
+
+    @app.post("/v1/admin/catalog/refresh")
+    async def refresh_catalog(request: Request) -> Response:
+        """Re-read the catalog now (admin groups only); cached facts go stale with it."""
+        gateway = _gateway(request)
+        identity = gateway.authenticator.authenticate(request.headers.get("authorization"))
+        if not set(identity.groups) & set(settings.admin_groups):
+            raise Forbidden("admin_required", "refreshing the catalog needs an admin group")
+        before = gateway.catalog.version if gateway.catalog else 0
+        catalog = await gateway.refresh_catalog()
+        log.info("catalog refreshed by %s: version %s -> %s", identity.sub, before, catalog.version)
+        return render(
+            {
+                "version": catalog.version,
+                "changed": catalog.version != before,
+                "relations": sum(len(t) for t in catalog.relations.values()),
             }
         )
 

@@ -25,10 +25,13 @@ _RELKINDS: dict[str, RelationKind] = {
 
 CATALOG_SQL = """
 SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
-       a.attname AS column, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type
+       a.attname AS column, coalesce(bt.typname, t.typname)::text AS type
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+-- A domain travels on the wire as its base type, which is what the cross-check compares.
+LEFT JOIN pg_catalog.pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
 WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
 ORDER BY n.nspname, c.relname, a.attnum
 """
@@ -42,7 +45,7 @@ WHERE n.nspname = 'pg_catalog'
 
 @dataclass(frozen=True, slots=True)
 class Relation:
-    """A table or view: its kind and its columns in attribute order, name → type."""
+    """A table or view: its kind and its columns in attribute order, name → wire type name."""
 
     schema: str
     name: str

@@ -78,6 +78,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     # make run is staging unless told otherwise; dev mode only ever outside prod.
     os.environ.setdefault("QUERYGATE_ENVIRONMENT", "staging")
+    # The demo's security officer administers the gateway (catalog refresh).
+    os.environ.setdefault("QUERYGATE_ADMIN_GROUPS", "security")
     data_dir = Path(args.data_dir).resolve()
     probe = load_settings(dev_mode=True, dev_signing_key_file=data_dir / "dev" / "signing-key.pem")
     _configure_logging(probe.log_level)

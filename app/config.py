@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(10, ge=1, le=500)
     db_connect_timeout_ms: int = Field(5000, ge=100, le=120_000)
     schemas: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["public"])
+    catalog_refresh_s: float = Field(60.0, ge=1.0, le=86_400.0)
+    admin_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["querygate-admins"]
+    )
 
     opa_url: str = "http://127.0.0.1:8181"
     opa_decision_path: str = "querygate/decision"
@@ -77,7 +81,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("schemas", "jwt_algorithms", mode="before")
+    @field_validator("schemas", "jwt_algorithms", "admin_groups", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

@@ -150,10 +150,11 @@ class Executor:
                     # An integer from validated settings: nothing user-controlled is formatted.
                     await conn.execute(f"SET LOCAL statement_timeout = {self._timeout_ms}")
                     statement = await conn.prepare(sql)
-                    args = bind_params(params, statement.get_parameters())
                     columns = tuple(
                         Column(attr.name, attr.type.name) for attr in statement.get_attributes()
                     )
+                    cross_check(facts, columns)
+                    args = bind_params(params, statement.get_parameters())
                     if columns:
                         cursor = await statement.cursor(*args)
                         rows = await cursor.fetch(max_rows + 1)
@@ -176,6 +177,31 @@ class Executor:
             status=status,
             rows_affected=_affected(status, facts),
         )
+
+
+def cross_check(facts: QueryFacts, columns: Sequence[Column]) -> None:
+    """The server's view of the prepared statement must agree with the facts.
+
+    A disagreement means the catalog is stale (a column was added or retyped) or the parser
+    saw something other than what PostgreSQL will run; either way the facts policy decided
+    on are not the query's, so it must not run. Names and types are compared where the facts
+    know them for certain: outputs that pass a base column through unchanged.
+    """
+    if len(columns) != len(facts.outputs):
+        raise Forbidden(
+            "facts_mismatch",
+            f"the database reports {len(columns)} output columns where the facts have "
+            f"{len(facts.outputs)}; the catalog may be stale",
+        )
+    for position, (column, output) in enumerate(zip(columns, facts.outputs, strict=True), 1):
+        if output.derivation != "direct":
+            continue
+        if column.name != output.name or (output.type is not None and column.type != output.type):
+            raise Forbidden(
+                "facts_mismatch",
+                f"output {position} is {column.name} ({column.type}) on the server but "
+                f"{output.name} ({output.type}) in the facts; the catalog may be stale",
+            )
 
 
 def _affected(status: str, facts: QueryFacts) -> int | None:

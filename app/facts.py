@@ -22,6 +22,7 @@ synthetic tree is for analysis only; the original SQL text is what runs.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,8 @@ from sqlglot.schema import MappingSchema
 from app.catalog import Catalog, Relation
 from app.errors import BadRequest, Forbidden, GatewayError, PayloadTooLarge, Unprocessable
 
+log = logging.getLogger("querygate.facts")
+
 Kind = Literal["select", "insert", "update", "delete", "merge", "ddl"]
 Derivation = Literal["direct", "expression", "aggregate"]
 _RANK: dict[str, int] = {"direct": 0, "expression": 1, "aggregate": 2}
@@ -52,6 +55,8 @@ class Output:
     name: str
     sources: tuple[str, ...]
     derivation: Derivation
+    # The wire type name when the output is a base column passed through unchanged.
+    type: str | None = None
 
     def to_input(self) -> dict[str, Any]:
         return {"name": self.name, "sources": list(self.sources), "derivation": self.derivation}
@@ -64,12 +69,14 @@ class DdlFacts:
     operation: str
     object_type: str
     targets: tuple[str, ...]
+    actions: tuple[str, ...] = ()
 
     def to_input(self) -> dict[str, Any]:
         return {
             "operation": self.operation,
             "object_type": self.object_type,
             "targets": list(self.targets),
+            "actions": list(self.actions),
         }
 
 
@@ -201,8 +208,12 @@ _MAX_DEPTH = 200
 
 _WRITE_NODES = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
 _DDL_NODES = (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable)
-_PREDICATE_ARGS = {
-    exp.Select: ("where", "having", "group", "order", "qualify", "distinct"),
+# DDL the gateway can resolve exactly: the object kinds whose targets live in the catalog.
+_DDL_OBJECTS: dict[str, frozenset[str]] = {
+    "create": frozenset({"table", "index"}),
+    "alter": frozenset({"table"}),
+    "drop": frozenset({"table", "view"}),
+    "truncate": frozenset({"table"}),
 }
 
 
@@ -220,6 +231,7 @@ class _Col:
 
     sources: frozenset[str]
     derivation: Derivation
+    type: str | None = None
 
 
 @dataclass(slots=True)
@@ -286,6 +298,11 @@ class FactsExtractor:
             raise BadRequest("sql_too_complex", "the SQL is nested too deeply") from exc
         except SqlglotError as exc:
             raise BadRequest("sql_parse_error", f"the SQL could not be parsed: {exc}") from exc
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            # sqlglot's parser raises internal errors on some malformed input (found by the
+            # property tests: "0?" is a TypeError); any of them means "cannot parse".
+            log.info("parser failure %s on %d bytes", type(exc).__name__, len(sql))
+            raise BadRequest("sql_parse_error", "the SQL could not be parsed") from exc
         if not statements:
             raise BadRequest("sql_parse_error", "the SQL text holds no statement")
         if len(statements) > 1:
@@ -305,6 +322,10 @@ class FactsExtractor:
             raise _unknown(f"the query does not resolve against the catalog: {exc}") from exc
         except SqlglotError as exc:
             raise _deny(f"the query could not be analysed: {exc}") from exc
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            # A shape the walker does not expect: refuse (fail closed) and leave a trace.
+            log.warning("facts analysis failure %s: %s", type(exc).__name__, exc)
+            raise _deny("the query could not be analysed") from exc
 
     # --- per statement kind ------------------------------------------------------------
 
@@ -484,43 +505,65 @@ class FactsExtractor:
         )
 
     def _ddl(self, tree: exp.Expr, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
+        kind = str(tree.args.get("kind") or "").lower()
+        actions: tuple[str, ...] = ()
         if isinstance(tree, exp.TruncateTable):
-            operation, object_type = "truncate", "table"
+            operation, kind = "truncate", "table"
             tables = list(tree.expressions)
         elif isinstance(tree, exp.Drop):
-            operation, object_type = "drop", str(tree.args.get("kind") or "").lower()
+            operation = "drop"
             tables = list(tree.args.get("tables") or [tree.this])
         elif isinstance(tree, exp.Alter):
-            operation, object_type = "alter", str(tree.args.get("kind") or "").lower()
+            operation = "alter"
             tables = [tree.this]
+            # "drop" for any DROP COLUMN/CONSTRAINT: guardrails treat those as destructive.
+            actions = tuple(
+                "drop" if isinstance(a, exp.Drop) else a.key for a in tree.args.get("actions") or []
+            )
         else:
-            operation, object_type = "create", str(tree.args.get("kind") or "").lower()
+            operation = "create"
+            _check_ddl_kind(operation, kind)
             if tree.args.get("expression") is not None:
-                raise _deny("CREATE … AS a query is not supported")
+                raise _deny("CREATE … AS a query is not supported; create, then INSERT … SELECT")
+            properties = tree.args.get("properties")
+            if properties is not None and any(
+                isinstance(p, exp.TemporaryProperty) for p in properties.expressions
+            ):
+                # Temporary tables outlive the request on a pooled connection.
+                raise _deny("temporary tables are not supported through the gateway")
             target = tree.this
             tables = [target.this if isinstance(target, exp.Schema) else target]
             if isinstance(target, exp.Index):
                 tables = [target.args["table"]] if target.args.get("table") else []
+        if tree.args.get("cascade"):
+            # CASCADE reaches objects that are not named: policy must see it.
+            actions = (*actions, "cascade")
+        _check_ddl_kind(operation, kind)
         targets = []
         for table in tables:
-            if not isinstance(table, exp.Table):
+            if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
                 raise _deny(f"cannot determine the target of this {operation}")
             relation = catalog.resolve(table.name, table.db or None)
             if relation is not None:
+                if operation == "create" and kind != "index":
+                    raise Unprocessable(
+                        "object_exists", f"{relation.qualified} already exists",
+                        object=relation.qualified,
+                    )
+                if kind in ("table", "index") and relation.kind == "view" and operation != "create":
+                    raise _deny(f"{relation.qualified} is a view, not a table")
                 targets.append(relation.qualified)
-            elif operation == "create" and object_type != "index":
+            elif operation == "create" and kind != "index":
                 schema = table.db or catalog.schemas[0]
                 if schema not in catalog.schemas:
                     raise _unknown(f"schema {schema} is not visible through the gateway")
                 targets.append(f"{schema}.{table.name}")
-            elif tree.args.get("exists"):
-                targets.append(f"{table.db or catalog.schemas[0]}.{table.name}")
             else:
                 raise _unknown(f"{_display(table)} does not exist", object=_display(table))
         return QueryFacts(
             kind="ddl",
             tables_write=tuple(targets),
-            ddl=DdlFacts(operation, object_type or "unknown", tuple(targets)),
+            ddl=DdlFacts(operation, kind, tuple(targets), actions),
             **common,
         )
 
@@ -558,7 +601,8 @@ class _Resolver:
             self._scope(scope)
         root = scopes[-1]
         self.analysis.outputs = [
-            Output(name, tuple(sorted(col.sources)), col.derivation)
+            Output(name, tuple(sorted(col.sources)), col.derivation,
+                   col.type if col.derivation == "direct" else None)
             for name, col in self.outputs[id(root.expression)]
         ]
         for whole in tree.find_all(exp.TableColumn):
@@ -585,7 +629,8 @@ class _Resolver:
             if len(left) != len(right):
                 raise _deny("set operation branches have different column counts")
             self.outputs[id(node)] = [
-                (name, _Col(a.sources | b.sources, _max_derivation(a.derivation, b.derivation)))
+                (name, _Col(a.sources | b.sources, _max_derivation(a.derivation, b.derivation),
+                            a.type if a.type == b.type else None))
                 for (name, a), (_, b) in zip(left, right, strict=True)
             ]
             return
@@ -650,7 +695,11 @@ class _Resolver:
             if relation is None or column.name not in relation.columns:
                 target = f"{relation.qualified if relation else _display(source)}.{column.name}"
                 raise _unknown(f"column {target} does not exist", object=target)
-            return _Col(frozenset({f"{relation.qualified}.{column.name}"}), "direct")
+            return _Col(
+                frozenset({f"{relation.qualified}.{column.name}"}),
+                "direct",
+                relation.columns[column.name],
+            )
         outputs = self.outputs.get(id(source.expression))
         if outputs is None:
             # The recursive member of a CTE refers to itself: its anchor defines the columns.
@@ -744,6 +793,14 @@ def _in_predicate(node: exp.Expr, root: exp.Expr | None) -> bool:
 
 def _display(table: exp.Table) -> str:
     return f"{table.db}.{table.name}" if table.db else table.name
+
+
+def _check_ddl_kind(operation: str, kind: str) -> None:
+    if kind not in _DDL_OBJECTS.get(operation, frozenset()):
+        raise Forbidden(
+            "unsupported_statement",
+            f"{operation.upper()} {kind.upper() or '?'} is not supported by the gateway",
+        )
 
 
 def _check_depth(tree: exp.Expr) -> None:

@@ -138,6 +138,20 @@ deny contains {"rule": "ddl_requires_writer_group", "message": "DDL requires a w
 	not is_writer
 }
 
+# Functions run inside the database with the gateway's privileges, so they are
+# allowed by name: the curated built-ins plus whatever a team adds under
+# functions.extra. (Functions that read files, settings or other servers are
+# refused by the gateway itself before policy is asked, whatever this list says.)
+allowed_functions := {f | some f in cfg.functions.builtin} | {f | some f in cfg.functions.extra}
+
+deny contains {"rule": "function_not_allowed", "message": msg} if {
+	some f in input.query.functions
+	not allowed_function(f)
+	msg := sprintf("function %v() is not on the allow-list", [f])
+}
+
+allowed_function(f) if f in allowed_functions
+
 # ---------------------------------------------------------------- permit
 
 permit contains {"rule": "reader_group_select", "message": "reader groups may run read-only selects"} if {

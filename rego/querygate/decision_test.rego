@@ -307,3 +307,34 @@ test_masks_extension_point if {
 		with data.querygate.config.column_masks as {"public.customers.email": "email", "public.customers.ssn": "redact"}
 	d.masks == {"public.customers.email": "email"}
 }
+
+# ---------------------------------------------------------------- functions
+
+select_with_functions(fs) := {
+	"identity": {"sub": "alice", "groups": ["analysts"]},
+	"environment": "staging",
+	"query": {"kind": "select", "tables": {"read": ["public.customers"], "write": []}, "functions": fs},
+}
+
+test_curated_functions_are_allowed if {
+	d := querygate.decision with input as select_with_functions(["lower", "count", "date_trunc"])
+	d.allow
+}
+
+test_unlisted_function_is_denied_by_name if {
+	d := querygate.decision with input as select_with_functions(["lower", "public.exfiltrate"])
+	not d.allow
+	d.reasons == [{"rule": "function_not_allowed", "message": "function public.exfiltrate() is not on the allow-list"}]
+}
+
+test_extra_functions_extend_the_list if {
+	d := querygate.decision with input as select_with_functions(["public.exfiltrate"])
+		with data.querygate.config as object.union(data.querygate.config, {"functions": {"builtin": [], "extra": ["public.exfiltrate"]}})
+	d.allow
+}
+
+test_without_function_config_every_function_is_denied if {
+	d := querygate.decision with input as select_with_functions(["lower"])
+		with data.querygate.config as object.remove(data.querygate.config, ["functions"])
+	not d.allow
+}
