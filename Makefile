@@ -64,6 +64,11 @@ lint: venv ## ruff and mypy
 test: venv $(OPA) lint policy-test ## install what is needed, lint, and run every test
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(VENV)/bin/pytest
 
+.PHONY: bench
+bench: venv $(OPA) ## facts extraction (cold/cached) and OPA decision round trip, in one run
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/facts_bench.py
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/opa_decision_bench.py 2000
+
 .PHONY: clean
 clean: ## remove local state (not the OPA build cache)
 	rm -rf .querygate .pytest_cache .mypy_cache .ruff_cache

@@ -29,19 +29,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import OptimizeError, ParseError, SqlglotError, TokenError
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 from sqlglot.optimizer.simplify import simplify
 from sqlglot.schema import MappingSchema
+from sqlglot.tokens import TokenType
 
 from app.catalog import Catalog, Relation
 from app.errors import BadRequest, Forbidden, GatewayError, PayloadTooLarge, Unprocessable
 
 log = logging.getLogger("querygate.facts")
+_DIALECT = Dialect.get_or_raise("postgres")
 
 Kind = Literal["select", "insert", "update", "delete", "merge", "ddl"]
 Derivation = Literal["direct", "expression", "aggregate"]
@@ -270,6 +272,10 @@ class FactsExtractor:
             self._cache.popitem(last=False)
         return facts
 
+    def clear(self) -> None:
+        """Forget cached facts (the per-catalog schema is kept)."""
+        self._cache.clear()
+
     def _schema(self, catalog: Catalog) -> MappingSchema:
         schema = self._schemas.get(catalog.version)
         if schema is None:
@@ -279,7 +285,7 @@ class FactsExtractor:
                 s: {t: dict.fromkeys(rel.columns, "unknown") for t, rel in tables.items()}
                 for s, tables in catalog.relations.items()
             }
-            schema = MappingSchema(mapping, dialect="postgres", normalize=False)
+            schema = MappingSchema(mapping, dialect=_DIALECT, normalize=False)
             self._schemas = {catalog.version: schema}
         return schema
 
@@ -291,7 +297,7 @@ class FactsExtractor:
         if _UNICODE_IDENT.search(sql):
             raise _deny("unicode-escaped identifiers and strings (U&…) are not supported")
         try:
-            statements = [s for s in sqlglot.parse(sql, read="postgres") if s is not None]
+            statements = [s for s in _DIALECT.parse(sql) if s is not None]
         except (ParseError, TokenError) as exc:
             raise BadRequest("sql_parse_error", f"the SQL could not be parsed: {exc}") from exc
         except RecursionError as exc:
@@ -330,9 +336,9 @@ class FactsExtractor:
     # --- per statement kind ------------------------------------------------------------
 
     def _facts(self, sql: str, tree: exp.Expr, catalog: Catalog) -> QueryFacts:
-        tree = normalize_identifiers(tree, dialect="postgres")
+        tree = normalize_identifiers(tree, dialect=_DIALECT)
         params = _check_placeholders(tree)
-        fingerprint = _fingerprint(tree)
+        fingerprint = _fingerprint(sql)
         common: dict[str, Any] = {
             "fingerprint": fingerprint,
             "param_count": params,
@@ -356,8 +362,12 @@ class FactsExtractor:
 
     def _select(self, tree: exp.Query, catalog: Catalog, common: dict[str, Any]) -> QueryFacts:
         _reject_select_extras(tree)
-        analysis = self._analyse(tree, catalog)
         where = tree.args.get("where") if isinstance(tree, exp.Select) else None
+        trivially_true = _trivially_true(where)
+        limit = _limit(tree)
+        has_where = where is not None
+        # The parsed tree is ours alone: the qualifier may rewrite it in place.
+        analysis = self._analyse(tree, catalog)
         return QueryFacts(
             kind="select",
             tables_read=tuple(sorted(analysis.tables_read)),
@@ -365,9 +375,9 @@ class FactsExtractor:
             columns_predicate=tuple(sorted(analysis.columns_predicate)),
             outputs=tuple(analysis.outputs),
             functions=tuple(sorted(analysis.functions)),
-            has_where=where is not None,
-            where_trivially_true=_trivially_true(where),
-            limit=_limit(tree),
+            has_where=has_where,
+            where_trivially_true=trivially_true,
+            limit=limit,
             **common,
         )
 
@@ -570,12 +580,12 @@ class FactsExtractor:
     # --- the resolver --------------------------------------------------------------------
 
     def _analyse(self, tree: exp.Query, catalog: Catalog) -> _Analysis:
-        tree = tree.copy()
+        """Resolve ``tree`` (which the caller hands over: it is rewritten in place)."""
         _qualify_tables(tree, catalog)
         qualified = qualify(
             tree,
             schema=self._schema(catalog),
-            dialect="postgres",
+            dialect=_DIALECT,
             validate_qualify_columns=True,
             expand_stars=True,
             quote_identifiers=False,
@@ -829,12 +839,23 @@ def _check_placeholders(tree: exp.Expr) -> int:
     return highest
 
 
-def _fingerprint(tree: exp.Expr) -> str:
-    """sha256 of the statement with literals replaced, so queries that differ in values match."""
-    normal = tree.copy()
-    for literal in list(normal.find_all(exp.Literal)):
-        literal.replace(exp.Placeholder())
-    return "sha256:" + hashlib.sha256(normal.sql(dialect="postgres").encode()).hexdigest()
+_LITERAL_TOKENS = frozenset({TokenType.NUMBER, TokenType.STRING, TokenType.NATIONAL_STRING,
+                             TokenType.HEREDOC_STRING, TokenType.BIT_STRING, TokenType.HEX_STRING,
+                             TokenType.BYTE_STRING})
+
+
+def _fingerprint(sql: str) -> str:
+    """sha256 of the token stream with literals replaced and case, spacing and comments
+    folded, so statements that differ only in values or layout share a fingerprint."""
+    parts = []
+    for token in _DIALECT.tokenize(sql):
+        if token.token_type in _LITERAL_TOKENS:
+            parts.append("?")
+        elif token.token_type in (TokenType.IDENTIFIER,):
+            parts.append(f'"{token.text}"')  # quoted: case matters
+        else:
+            parts.append(token.text.lower())
+    return "sha256:" + hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def _reject_select_extras(tree: exp.Expr) -> None:

@@ -73,7 +73,7 @@ def test_token_soup(sql):
     st.sampled_from(SEEDS),
     st.integers(min_value=0, max_value=200),
     st.integers(min_value=0, max_value=30),
-    st.sampled_from(TOKENS + [""]),
+    st.sampled_from([*TOKENS, ""]),
 )
 def test_mutated_queries(seed, position, length, insert):
     position = min(position, len(seed))

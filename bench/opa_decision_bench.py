@@ -1,0 +1,87 @@
+"""Decision round trip to a real OPA: the gateway's keep-alive httpx client against
+opa-python-client's AsyncOpaClient, same input, same OPA process, same run.
+
+    .venv/bin/python bench/opa_decision_bench.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+
+import httpx
+import orjson
+
+from app.devstack import start_opa
+from app.policy import PolicyClient, parse_decision
+
+INPUT = {
+    "identity": {"sub": "alice", "groups": ["analysts"], "issuer": "bench", "auth": "jwt",
+                 "email": None, "on_behalf_of": None, "attributes": {}},
+    "environment": "staging",
+    "request": {"id": "bench", "source_ip": "127.0.0.1", "time": "2026-11-21T10:00:00Z"},
+    "database": {"name": "appdb"},
+    "query": {
+        "fingerprint": "sha256:x", "kind": "select",
+        "tables": {"read": ["public.customers"], "write": []},
+        "columns": {"read": ["public.customers.email", "public.customers.id"],
+                    "predicate": ["public.customers.id"], "write": []},
+        "outputs": [{"name": "email", "sources": ["public.customers.email"],
+                     "derivation": "direct"}],
+        "functions": ["lower"], "has_where": True, "where_trivially_true": False, "limit": 1,
+        "param_count": 1, "ddl": None, "catalog_version": 1,
+    },
+    "approval": None,
+}
+
+
+def report(name: str, samples: list[float]) -> None:
+    samples.sort()
+    p = lambda q: samples[int(q * (len(samples) - 1))] * 1000  # noqa: E731
+    print(f"{name:<28} p50 {p(0.5):7.3f} ms   p95 {p(0.95):7.3f} ms   "
+          f"mean {statistics.mean(samples) * 1000:7.3f} ms")
+
+
+async def run(url: str, n: int) -> None:
+    gateway_client = PolicyClient(url, "querygate/decision", timeout_ms=2000)
+    httpx_client = httpx.AsyncClient(timeout=2, limits=httpx.Limits(max_keepalive_connections=8))
+
+    async def via_httpx() -> object:
+        response = await httpx_client.post(
+            f"{url}/v1/data/querygate/decision", content=orjson.dumps({"input": INPUT}),
+            headers={"content-type": "application/json"},
+        )
+        return parse_decision(orjson.loads(response.content)["result"], "x")
+
+    try:
+        for _ in range(200):  # warm both connection pools and OPA
+            await gateway_client.decide(INPUT)
+            await via_httpx()
+        for label, call in (
+            ("opa-python-client (hot path)", lambda: gateway_client.decide(INPUT)),
+            ("httpx keep-alive", via_httpx),
+        ):
+            samples = []
+            for _ in range(n):
+                start = time.perf_counter()
+                await call()
+                samples.append(time.perf_counter() - start)
+            report(label, samples)
+    finally:
+        await gateway_client.close()
+        await httpx_client.aclose()
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    opa = start_opa()
+    try:
+        asyncio.run(run(opa.url, n))
+    finally:
+        opa.stop()
+
+
+if __name__ == "__main__":
+    main()
