@@ -44,7 +44,7 @@ def long_query(lines: int = 200) -> str:
     parts = ["WITH"]
     for i in range(8):
         source = "orders" if i == 0 else f"step{i - 1}"
-        cols = "customer_id, amount_cents, status" if i == 0 else "customer_id, amount_cents, status"
+        cols = "customer_id, amount_cents, status"
         parts.append(f"step{i} AS (")
         parts.append(f"    SELECT {cols}")
         parts.append(f"    FROM {source}")
@@ -56,7 +56,9 @@ def long_query(lines: int = 200) -> str:
     projections = []
     while len(parts) + len(projections) < lines - 12:
         n = len(projections)
-        projections.append(f"    coalesce(sum(CASE WHEN s.status = 's{n}' THEN s.amount_cents END), 0) AS m{n}")
+        projections.append(
+            f"    coalesce(sum(CASE WHEN s.status = 's{n}' THEN s.amount_cents END), 0) AS m{n}"
+        )
     parts.append(",\n".join(projections))
     parts += [
         "FROM step7 s",
