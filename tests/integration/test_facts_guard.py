@@ -110,3 +110,21 @@ def test_cross_check_denies_a_query_on_a_drifted_table(devgw, keys, db):
     response = devgw.query("SELECT a FROM drift", alice)
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "facts_mismatch"
+
+
+def test_explain_command_shows_facts_and_decision(gateway, keys, capsys):
+    from app.cli import main
+
+    token = keys.token("alice", ["analysts"])
+    code = main(["explain", "--url", gateway.url, "--token", token,
+                 "--sql", "SELECT lower(email) AS e FROM customers WHERE id = $1",
+                 "--params", "[1]"])
+    assert code == 0
+    import json
+
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["facts"]["outputs"] == [
+        {"name": "e", "sources": ["public.customers.email"], "derivation": "expression"}
+    ]
+    assert shown["facts"]["columns"]["predicate"] == ["public.customers.id"]
+    assert shown["decision"]["allow"] is True
