@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     max_rows: int = Field(1000, ge=1, le=10_000_000)
     statement_timeout_ms: int = Field(5000, ge=1, le=3_600_000)
 
+    # Masking: the key of the deterministic `hash` strategy (HMAC-SHA-256). Required in prod,
+    # where a missing key would make hashes reproducible by anyone who has the code.
+    mask_hmac_key: SecretStr | None = None
+    mask_redact_token: str = "[REDACTED]"
+    stream_batch_rows: int = Field(500, ge=1, le=100_000)
+
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -139,6 +145,10 @@ class Settings(BaseSettings):
             lowered = self.jwt_public_key.get_secret_value().strip().lower()
             if not lowered or any(lowered == p or lowered.startswith(p) for p in _PLACEHOLDERS):
                 raise ValueError(f"{_env('jwt_public_key')} is a placeholder, not a key")
+        if self.mask_hmac_key is not None:
+            key = self.mask_hmac_key.get_secret_value()
+            if len(key) < 16 or any(key.lower().startswith(p) for p in _PLACEHOLDERS):
+                raise ValueError(f"{_env('mask_hmac_key')} must be a real secret of 16+ characters")
         if self.db_pool_min > self.db_pool_max:
             raise ValueError(f"{_env('db_pool_min')} must not exceed {_env('db_pool_max')}")
         if self.max_request_bytes < self.max_sql_bytes:
@@ -158,6 +168,8 @@ class Settings(BaseSettings):
         """Check what serving needs beyond what a CLI helper does."""
         if self.database_url is None:
             raise ConfigError(f"{_env('database_url')} is required")
+        if self.environment == "prod" and self.mask_hmac_key is None:
+            raise ConfigError(f"{_env('mask_hmac_key')} is required in prod")
         if (
             self.jwt_public_key is None
             and self.jwt_public_key_file is None
