@@ -39,6 +39,8 @@ def test_environment_comes_from_prefixed_variables(monkeypatch):
         ({"jwt_public_key": "k", "jwt_public_key_file": "/k.pem"}, "QUERYGATE_JWT_PUBLIC_KEY"),
         ({"max_sql_bytes": 100_000, "max_request_bytes": 2000}, "QUERYGATE_MAX_REQUEST_BYTES"),
         ({"db_pool_min": 5, "db_pool_max": 2}, "QUERYGATE_DB_POOL_MIN"),
+        ({"mask_hmac_key": "short"}, "QUERYGATE_MASK_HMAC_KEY"),
+        ({"mask_hmac_key": "changeme-changeme-changeme"}, "QUERYGATE_MASK_HMAC_KEY"),
     ],
 )
 def test_invalid_settings_name_the_variable(overrides, named):
@@ -51,7 +53,9 @@ def test_serving_needs_a_database_and_a_key():
     with pytest.raises(ConfigError, match="QUERYGATE_DATABASE_URL"):
         load_settings(environment="staging").require_serving()
     with pytest.raises(ConfigError, match="QUERYGATE_JWT_PUBLIC_KEY"):
-        load_settings(database_url="postgresql://h/db").require_serving()
+        load_settings(database_url="postgresql://h/db", environment="staging").require_serving()
+    with pytest.raises(ConfigError, match="QUERYGATE_MASK_HMAC_KEY"):
+        load_settings(database_url="postgresql://h/db", environment="prod").require_serving()
 
 
 def test_token_command_refuses_without_dev_mode(monkeypatch, capsys, tmp_path):
