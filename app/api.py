@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import decimal
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -22,10 +23,11 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import masking
 from app.catalog import Catalog, introspect
 from app.config import Settings
 from app.errors import (
@@ -86,6 +88,7 @@ class Gateway:
     authenticator: Authenticator
     extractor: FactsExtractor
     policy: PolicyClient
+    mask_key: bytes = b""
     pool: asyncpg.Pool | None = None
     catalog: Catalog | None = None
     executor: Executor | None = None
@@ -220,7 +223,12 @@ async def read_query(request: Request, settings: Settings) -> QueryRequest:
 
 
 def build_input(
-    gateway: Gateway, identity: Identity, facts: QueryFacts, request: Request, request_id: str
+    gateway: Gateway,
+    identity: Identity,
+    facts: QueryFacts,
+    catalog: Catalog,
+    request: Request,
+    request_id: str,
 ) -> dict[str, Any]:
     """The OPA input document (docs/decision-contract.md)."""
     return {
@@ -233,6 +241,10 @@ def build_input(
         },
         "database": {"name": gateway.settings.database_name},
         "query": facts.to_input(),
+        # Classes the catalog gave columns by their names; policy data may override them.
+        "classification": {
+            col: catalog.classes[col] for col in facts.columns_read if col in catalog.classes
+        },
         "approval": None,
     }
 
@@ -254,7 +266,9 @@ async def evaluate(
             "invalid_parameters",
             f"the statement uses {facts.param_count} parameters; {len(body.params)} were given",
         )
-    decision = await gateway.policy.decide(build_input(gateway, identity, facts, request, request_id))
+    decision = await gateway.policy.decide(
+        build_input(gateway, identity, facts, catalog, request, request_id)
+    )
     return gateway, identity, body, facts, decision, request_id
 
 
@@ -293,35 +307,80 @@ def _enforce(decision: Decision, facts: QueryFacts, identity: Identity, request_
             reasons=decision.reasons_json(),
             decision_id=decision.id,
         )
-    if decision.masks:
-        # Masking is not implemented yet: a decision that asks for it cannot be honoured.
-        _log_decision(identity, facts, decision, request_id, "masking_unsupported")
-        raise Unavailable(
-            "policy_unavailable",
-            "the policy asks for masking, which this gateway cannot apply yet",
-            decision_id=decision.id,
-        )
+    try:
+        masking.check_predicates(facts, decision)
+    except Forbidden:
+        _log_decision(identity, facts, decision, request_id, "denied_masked_predicate")
+        raise
 
 
-def _result_body(result: Result, decision: Decision) -> dict[str, Any]:
+def _decision_body(decision: Decision, plan: masking.MaskPlan) -> dict[str, Any]:
+    # Names the masked outputs and their strategies; never a value.
+    return {"id": decision.id, "reasons": decision.reasons_json(), "masked": plan.masked}
+
+
+def _result_body(result: Result, decision: Decision, plan: masking.MaskPlan) -> dict[str, Any]:
     return {
         "columns": [{"name": c.name, "type": c.type} for c in result.columns],
         "rows": result.rows,
         "row_count": len(result.rows),
         "rows_affected": result.rows_affected,
         "truncated": result.truncated,
-        "decision": {"id": decision.id, "reasons": decision.reasons_json()},
+        "decision": _decision_body(decision, plan),
     }
+
+
+NDJSON = "application/x-ndjson"
+
+
+def _wants_ndjson(request: Request) -> bool:
+    return NDJSON in request.headers.get("accept", "")
+
+
+async def _ndjson(
+    first: masking.MaskPlan,
+    batches: AsyncIterator[Any],
+    decision: Decision,
+    request_id: str,
+) -> AsyncIterator[bytes]:
+    """Header line, one JSON array per row, then a summary (or error) line."""
+    rows = 0
+    try:
+        yield orjson.dumps(
+            {
+                "columns": [{"name": c.name, "type": c.type} for c in first.columns],
+                "decision": _decision_body(decision, first),
+            },
+            default=_json_default,
+        ) + b"\n"
+        async for batch in batches:
+            rows += len(batch)
+            yield b"".join(
+                orjson.dumps(row, default=_json_default) + b"\n" for row in batch
+            )
+        yield orjson.dumps({"row_count": rows, "complete": True}) + b"\n"
+    except GatewayError as exc:
+        # Headers are gone: the error becomes the last line, and the stream says it is cut.
+        yield orjson.dumps({**exc.body(request_id), "row_count": rows, "complete": False}) + b"\n"
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the application; nothing connects until the lifespan starts."""
     settings.require_serving()
     authenticator = Authenticator(settings)
+    if settings.mask_hmac_key is not None:
+        mask_key = settings.mask_hmac_key.get_secret_value().encode()
+    else:
+        # Only outside prod (require_serving checked): hashes are stable for this process only.
+        log.warning("QUERYGATE_MASK_HMAC_KEY is not set: hash masks change on restart")
+        mask_key = secrets.token_bytes(32)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = Gateway(
+            mask_key=mask_key,
             settings=settings,
             authenticator=authenticator,
             extractor=FactsExtractor(settings.max_sql_bytes),
@@ -382,14 +441,35 @@ def create_app(settings: Settings) -> FastAPI:
         gateway, identity, body, facts, decision, request_id = await evaluate(request)
         _enforce(decision, facts, identity, request_id)
         assert gateway.executor is not None  # a catalog implies a connected pool
+        plans: list[masking.MaskPlan] = []
+
+        def planner(columns: tuple[Any, ...]) -> masking.MaskPlan:
+            plan = masking.plan(
+                facts, decision, columns, gateway.mask_key, settings.mask_redact_token
+            )
+            plans.append(plan)
+            return plan
+
+        if _wants_ndjson(request):
+            # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
+            # bound); the policy's own max_rows still holds.
+            batches = gateway.executor.stream(
+                body.sql, body.params, facts, decision.max_rows, planner,
+                settings.stream_batch_rows,
+            )
+            first = await anext(batches)  # errors before the first row are plain errors
+            _log_decision(identity, facts, decision, request_id, "streamed")
+            return StreamingResponse(
+                _ndjson(first, batches, decision, request_id), media_type=NDJSON
+            )
         limit = settings.max_rows if decision.max_rows is None else min(
             settings.max_rows, decision.max_rows
         )
         started = time.perf_counter()
-        result = await gateway.executor.run(body.sql, body.params, facts, limit)
+        result = await gateway.executor.run(body.sql, body.params, facts, limit, planner)
         _log_decision(identity, facts, decision, request_id, "executed")
         log.debug("executed in %.2f ms", (time.perf_counter() - started) * 1000)
-        return render(_result_body(result, decision))
+        return render(_result_body(result, decision, plans[0]))
 
     @app.post("/v1/explain")
     async def explain(request: Request) -> Response:
@@ -404,6 +484,8 @@ def create_app(settings: Settings) -> FastAPI:
                     "allow": decision.allow,
                     "reasons": decision.reasons_json(),
                     "masks": decision.masks,
+                    "derived_mask": decision.derived_mask,
+                    "masked_predicates_allowed": list(decision.masked_predicates_allowed),
                     "require_approval": decision.require_approval,
                     "max_rows": decision.max_rows,
                 },

@@ -10,6 +10,7 @@ name that exists there must not be resolved to a user table of the same name.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +44,35 @@ WHERE n.nspname = 'pg_catalog'
 """
 
 
+# Automatic classification by column name, so sensitive data is masked without anyone having
+# to configure it. Matched against the lower-cased name split into words (a_b, aB → a b);
+# the first rule that matches wins. Policy data can reclassify or mark a column "public".
+_CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("secret.password", re.compile(r"\b(password|passwd|pwd|passphrase|pass_?hash)\b")),
+    ("secret.token", re.compile(r"\b(token|secret|api_?key|private_?key|access_?key|otp|salt)\b")),
+    ("pii.ssn", re.compile(r"\b(ssn|social_?security(_?number)?|national_?id|tax_?id|sin)\b")),
+    ("pci.pan", re.compile(r"\b(card_?(number|no|num)?|pan|cc_?(number|num)?|credit_?card)\b")),
+    ("pci.cvv", re.compile(r"\b(cvv|cvc|cvv2|card_?verification)\b")),
+    ("pii.iban", re.compile(r"\b(iban|account_?number|bank_?account|routing_?number)\b")),
+    ("pii.email", re.compile(r"\b(e_?mail|email_?address)\b")),
+    ("pii.phone", re.compile(r"\b(phone|phone_?number|mobile|msisdn|telephone|tel|fax)\b")),
+    ("pii.dob", re.compile(r"\b(dob|date_?of_?birth|birth_?date|birthday)\b")),
+    ("pii.passport", re.compile(r"\b(passport|passport_?number|driver_?license|licence_?number)\b")),
+)
+
+
+def classify_column(name: str) -> str | None:
+    """The class a column name clearly announces, or None."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    words = re.sub(r"[^a-z0-9]+", "_", words)
+    spaced = words.replace("_", " ")
+    for cls, pattern in _CLASS_RULES:
+        # Try both forms: "card_number" matches card_?number, "phone number" matches \bphone\b.
+        if pattern.search(words) or pattern.search(spaced):
+            return cls
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Relation:
     """A table or view: its kind and its columns in attribute order, name → wire type name."""
@@ -66,6 +96,8 @@ class Catalog:
     shadowed: frozenset[str] = frozenset()
     version: int = 0
     digest: str = field(default="")
+    # "schema.table.column" → class, for columns whose names announce what they hold.
+    classes: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, name: str, schema: str | None) -> Relation | None:
         """Resolve a table name as PostgreSQL would with our fixed search_path."""
@@ -119,7 +151,14 @@ def build_catalog(
     digest = hashlib.sha256(
         repr(sorted((r[0], r[1], r[3], r[4]) for r in rows)).encode()
     ).hexdigest()[:16]
-    return Catalog(schemas, relations, shadowed, version, digest)
+    classes = {}
+    for schema, tables in relations.items():
+        for name, relation in tables.items():
+            for column in relation.columns:
+                cls = classify_column(column)
+                if cls is not None:
+                    classes[f"{schema}.{name}.{column}"] = cls
+    return Catalog(schemas, relations, shadowed, version, digest, classes)
 
 
 async def introspect(conn: Any, schemas: tuple[str, ...], previous: Catalog | None) -> Catalog:

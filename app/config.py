@@ -6,11 +6,21 @@ own. Invalid or conflicting values stop start-up with a message that names the v
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "QUERYGATE_"
@@ -77,10 +87,144 @@ class Settings(BaseSettings):
     max_rows: int = Field(1000, ge=1, le=10_000_000)
     statement_timeout_ms: int = Field(5000, ge=1, le=3_600_000)
 
+    # Identity (docs/identity.md). Issuers trusted besides the static key above, each with its
+    # own JWKS (or OIDC discovery) and audience — typically the IdP and the cluster.
+    class TrustedIssuer(BaseModel):
+        """One entry of QUERYGATE_JWT_ISSUERS."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        issuer: str = Field(min_length=1)
+        audience: str = Field("querygate", min_length=1)
+        jwks_url: str | None = None
+        # Find jwks_uri in <issuer>/.well-known/openid-configuration instead of jwks_url.
+        discovery: bool = False
+        kind: Literal["jwt", "k8s_sa"] = "jwt"
+        algorithms: list[str] | None = None
+        groups_claims: list[str] | None = None
+        roles_claims: list[str] | None = None
+        email_claim: str | None = None
+
+        @model_validator(mode="after")
+        def _one_key_source(self) -> Settings.TrustedIssuer:
+            if (self.jwks_url is not None) == self.discovery:
+                raise ValueError("set exactly one of jwks_url and discovery: true")
+            bad = [alg for alg in self.algorithms or [] if alg not in ALLOWED_JWT_ALGORITHMS]
+            if bad or self.algorithms == []:
+                raise ValueError(
+                    f"algorithms {bad} are not allowed; choose from {sorted(ALLOWED_JWT_ALGORITHMS)}"
+                )
+            return self
+
+    jwt_issuers: Annotated[list[Settings.TrustedIssuer], NoDecode] = Field(default_factory=list)
+    # Dotted claim paths (realm_access.roles); the values of every path are merged.
+    jwt_groups_claims: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["groups"])
+    jwt_roles_claims: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    jwt_email_claim: str = Field("email", min_length=1)
+    # A token that names an environment must name this one; required for jwt issuers if set.
+    jwt_environment_claim: str = Field("environment", min_length=1)
+    jwt_require_environment: bool = False
+    # JWKS fetches: a total deadline per fetch, a periodic refresh, and a floor between
+    # fetches so a stream of unknown kids cannot turn the gateway against the IdP.
+    jwks_timeout_ms: int = Field(2000, ge=50, le=30_000)
+    jwks_refresh_s: float = Field(300.0, ge=1.0, le=86_400.0)
+    jwks_min_refresh_s: float = Field(10.0, ge=0.1, le=3600.0)
+    # Mesh mTLS: the proxy's client-certificate header is believed only from these peers.
+    mtls_trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mtls_trust_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mtls_header: str = Field("x-forwarded-client-cert", pattern=r"^[A-Za-z0-9-]+$")
+
+    @field_validator("jwt_issuers", mode="before")
+    @classmethod
+    def _issuers_json(cls, value: object) -> object:
+        # Decoded here (NoDecode) so a typo is an error naming the variable, not a parse crash.
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else []
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        return value
+
+    @field_validator(
+        "jwt_groups_claims", "jwt_roles_claims", "mtls_trusted_proxies", "mtls_trust_domains",
+        mode="before",
+    )
+    @classmethod
+    def _split_identity_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("mtls_trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an address or a CIDR with zero host bits") from exc
+        return value
+
+    @field_validator("mtls_trust_domains")
+    @classmethod
+    def _trust_domains(cls, value: list[str]) -> list[str]:
+        for domain in value:
+            if not domain or domain != domain.lower() or not all(
+                c.isalnum() or c in ".-_" for c in domain
+            ):
+                raise ValueError(f"{domain!r} is not a SPIFFE trust domain (lower-case, no scheme)")
+        return value
+
+    def fetch_url_problem(self, url: str) -> str | None:
+        """Why a JWKS/discovery URL may not be fetched here, or None when it may."""
+        parts = urlsplit(url)
+        if not parts.hostname or parts.scheme not in ("https", "http"):
+            return "must be an https:// URL"
+        if parts.scheme == "https" or self.dev_mode:
+            return None
+        # Plain http only where nobody can tamper with the keys in transit: loopback (tests, a
+        # local key proxy), and never in prod.
+        host = parts.hostname
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback and self.environment != "prod":
+            return None
+        return "http:// is allowed only in dev mode, or to a loopback address outside prod"
+
+    @model_validator(mode="after")
+    def _identity_consistent(self) -> Settings:
+        name = _env("jwt_issuers")
+        seen: set[str] = set()
+        for i, entry in enumerate(self.jwt_issuers):
+            url = entry.jwks_url if entry.jwks_url is not None else entry.issuer
+            problem = self.fetch_url_problem(url)
+            if problem:
+                what = "jwks_url" if entry.jwks_url is not None else "issuer (used for discovery)"
+                raise ValueError(f"{name}[{i}].{what}: {problem}")
+            if entry.issuer in seen:
+                raise ValueError(f"{name}: issuer {entry.issuer!r} is listed twice")
+            seen.add(entry.issuer)
+        static_key = self.jwt_public_key is not None or self.jwt_public_key_file is not None
+        if (static_key or self.dev_mode) and self.jwt_issuer in seen:
+            raise ValueError(
+                f"{_env('jwt_issuer')} {self.jwt_issuer!r} (the static/dev key) is also in {name}"
+            )
+        if self.mtls_trusted_proxies and not self.mtls_trust_domains:
+            raise ValueError(
+                f"{_env('mtls_trust_domains')} is required with {_env('mtls_trusted_proxies')}"
+            )
+        if not self.dev_mode and any(
+            ipaddress.ip_network(p).prefixlen == 0 for p in self.mtls_trusted_proxies
+        ):
+            raise ValueError(f"{_env('mtls_trusted_proxies')}: trusting every address is dev-only")
+        return self
+
     # Masking: the key of the deterministic `hash` strategy (HMAC-SHA-256). Required in prod,
     # where a missing key would make hashes reproducible by anyone who has the code.
     mask_hmac_key: SecretStr | None = None
-    mask_redact_token: str = "[REDACTED]"
+    mask_redact_token: str = "[REDACTED]"  # noqa: S105 - a placeholder shown, not a secret
     stream_batch_rows: int = Field(500, ge=1, le=100_000)
 
     host: str = "127.0.0.1"
@@ -173,11 +317,12 @@ class Settings(BaseSettings):
         if (
             self.jwt_public_key is None
             and self.jwt_public_key_file is None
+            and not self.jwt_issuers
             and not self.dev_mode
         ):
             raise ConfigError(
-                f"{_env('jwt_public_key')} or {_env('jwt_public_key_file')} is required "
-                f"(only {_env('dev_mode')} may fall back to the dev signing key)"
+                f"{_env('jwt_public_key')}, {_env('jwt_public_key_file')} or {_env('jwt_issuers')} "
+                f"is required (only {_env('dev_mode')} may fall back to the dev signing key)"
             )
 
 

@@ -132,7 +132,8 @@ class Postgres:
 
         self.server.cleanup()
         info = getattr(self.server, "_postmaster_info", None)
-        if info is not None and info.process.is_running() and info.process.status() != "zombie":
+        pid_file = Path(self.server.pgdata) / "postmaster.pid"
+        if info is not None and info.process.is_running() and pid_file.exists():
             with contextlib.suppress(subprocess.CalledProcessError):
                 pg_ctl(
                     ["-w", "stop", "-m", "fast"],

@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import ipaddress
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,9 @@ def _convert(value: Any, type_name: str) -> Any:
     raise TypeError(f"values of type {type_name} must be given as strings")
 
 
+Planner = Callable[[tuple[Column, ...]], Any]
+
+
 class Executor:
     """Runs governed statements on a pool of connections."""
 
@@ -139,10 +143,11 @@ class Executor:
         self._pool = pool
         self._timeout_ms = int(statement_timeout_ms)
 
-    async def run(
-        self, sql: str, params: Sequence[Any], facts: QueryFacts, max_rows: int
-    ) -> Result:
-        """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back."""
+    @contextlib.asynccontextmanager
+    async def _prepared(
+        self, sql: str, facts: QueryFacts
+    ) -> AsyncIterator[tuple[asyncpg.Connection, Any, tuple[Column, ...]]]:
+        """A connection in a transaction with ``sql`` prepared and cross-checked."""
         readonly = facts.kind == "select" and not facts.tables_write
         try:
             async with self._pool.acquire() as conn:
@@ -154,29 +159,96 @@ class Executor:
                         Column(attr.name, attr.type.name) for attr in statement.get_attributes()
                     )
                     cross_check(facts, columns)
-                    args = bind_params(params, statement.get_parameters())
-                    if columns:
-                        cursor = await statement.cursor(*args)
-                        rows = await cursor.fetch(max_rows + 1)
-                    else:
-                        rows = await statement.fetch(*args)
-                    status = statement.get_statusmsg() or ""
+                    yield conn, statement, columns
         except GatewayError:
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
         except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise Unavailable("database_unavailable", "the database is unreachable") from exc
+
+    async def run(
+        self,
+        sql: str,
+        params: Sequence[Any],
+        facts: QueryFacts,
+        max_rows: int,
+        planner: Planner,
+    ) -> Result:
+        """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back.
+
+        ``planner`` sees the server's columns before anything executes and returns the
+        masking plan; it may refuse (raise), and then nothing has run.
+        """
+        try:
+            async with self._prepared(sql, facts) as (_, statement, columns):
+                mask = planner(columns)
+                args = bind_params(params, statement.get_parameters())
+                if columns:
+                    cursor = await statement.cursor(*args)
+                    rows = await cursor.fetch(max_rows + 1)
+                else:
+                    rows = await statement.fetch(*args)
+                status = statement.get_statusmsg() or ""
+        except GatewayError:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise _server_error(exc) from exc
         truncated = len(rows) > max_rows
         if truncated:
             rows = rows[:max_rows]
         return Result(
-            columns=columns,
-            rows=[tuple(r) for r in rows],
+            columns=mask.columns,
+            rows=mask.apply_all(rows),
             truncated=truncated,
             status=status,
             rows_affected=_affected(status, facts),
         )
+
+    async def stream(
+        self,
+        sql: str,
+        params: Sequence[Any],
+        facts: QueryFacts,
+        max_rows: int | None,
+        planner: Planner,
+        batch_rows: int,
+    ) -> AsyncIterator[Any]:
+        """Yield the masking plan, then batches of masked rows, through a server-side cursor.
+
+        Memory stays bounded by ``batch_rows``; the connection is held until the generator
+        is exhausted or closed (a client that disconnects closes it).
+        """
+        try:
+            async with self._prepared(sql, facts) as (_, statement, columns):
+                mask = planner(columns)
+                args = bind_params(params, statement.get_parameters())
+                yield mask
+                sent = 0
+                async for batch in _batches(statement, args, batch_rows, max_rows):
+                    sent += len(batch)
+                    yield mask.apply_all(batch)
+        except GatewayError:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise _server_error(exc) from exc
+
+
+async def _batches(
+    statement: Any, args: list[Any], batch_rows: int, max_rows: int | None
+) -> AsyncIterator[list[Any]]:
+    cursor = await statement.cursor(*args)
+    remaining = max_rows
+    while remaining is None or remaining > 0:
+        size = batch_rows if remaining is None else min(batch_rows, remaining)
+        batch = await cursor.fetch(size)
+        if not batch:
+            return
+        if remaining is not None:
+            remaining -= len(batch)
+        yield batch
+        if len(batch) < size:
+            return
 
 
 def cross_check(facts: QueryFacts, columns: Sequence[Column]) -> None:

@@ -93,6 +93,8 @@ class QueryFacts:
     columns_read: tuple[str, ...] = ()
     columns_predicate: tuple[str, ...] = ()
     columns_write: tuple[str, ...] = ()
+    # Predicate columns whose only use is an equality join key (`a.x = b.y`).
+    columns_join_equality: tuple[str, ...] = ()
     outputs: tuple[Output, ...] = ()
     functions: tuple[str, ...] = ()
     has_where: bool = False
@@ -114,6 +116,7 @@ class QueryFacts:
                     "columns": {
                         "read": list(self.columns_read),
                         "predicate": list(self.columns_predicate),
+                        "join_equality": list(self.columns_join_equality),
                         "write": list(self.columns_write),
                     },
                     "outputs": [o.to_input() for o in self.outputs],
@@ -243,6 +246,13 @@ class _Analysis:
     columns_predicate: set[str] = field(default_factory=set)
     functions: set[str] = field(default_factory=set)
     outputs: list[Output] = field(default_factory=list)
+    equality_uses: set[str] = field(default_factory=set)
+    other_uses: set[str] = field(default_factory=set)
+
+    @property
+    def join_equality_only(self) -> set[str]:
+        """Predicate columns used only as `col = col` join keys."""
+        return self.equality_uses - self.other_uses
 
 
 def _max_derivation(*items: str) -> Derivation:
@@ -373,6 +383,7 @@ class FactsExtractor:
             tables_read=tuple(sorted(analysis.tables_read)),
             columns_read=tuple(sorted(analysis.columns_read)),
             columns_predicate=tuple(sorted(analysis.columns_predicate)),
+            columns_join_equality=tuple(sorted(analysis.join_equality_only)),
             outputs=tuple(analysis.outputs),
             functions=tuple(sorted(analysis.functions)),
             has_where=has_where,
@@ -408,6 +419,8 @@ class FactsExtractor:
             merged.tables_read |= part.tables_read
             merged.columns_read |= part.columns_read
             merged.columns_predicate |= part.columns_predicate
+            merged.equality_uses |= part.equality_uses
+            merged.other_uses |= part.other_uses
             merged.functions |= part.functions
         outputs: tuple[Output, ...] = ()
         if returning is not None:
@@ -430,6 +443,7 @@ class FactsExtractor:
             tables_write=(target.qualified,),
             columns_read=tuple(sorted(merged.columns_read)),
             columns_predicate=tuple(sorted(merged.columns_predicate)),
+            columns_join_equality=tuple(sorted(merged.join_equality_only)),
             columns_write=tuple(sorted(set(columns_write))),
             outputs=outputs,
             functions=tuple(sorted(merged.functions)),
@@ -663,6 +677,17 @@ class _Resolver:
             self.analysis.columns_read |= col.sources
             if _in_predicate(column, node):
                 self.analysis.columns_predicate |= col.sources
+                # Only `a.x = b.y` between two columns is a join key; anything else (a
+                # literal, LIKE, <, a function) can probe the value.
+                parent = column.parent
+                if (
+                    isinstance(parent, exp.EQ)
+                    and isinstance(parent.left, exp.Column)
+                    and isinstance(parent.right, exp.Column)
+                ):
+                    self.analysis.equality_uses |= col.sources
+                else:
+                    self.analysis.other_uses |= col.sources
         outputs = []
         for projection in node.selects:
             outputs.append((_output_name(projection), self._expr(scope, projection.unalias())))
@@ -672,6 +697,7 @@ class _Resolver:
         if scope.is_subquery and _in_predicate(node, scope.parent.expression if scope.parent else None):
             for _, col in outputs:
                 self.analysis.columns_predicate |= col.sources
+                self.analysis.other_uses |= col.sources
 
     def _check_table(self, table: exp.Table) -> None:
         if not isinstance(table.this, exp.Identifier):
@@ -784,7 +810,12 @@ def _in_predicate(node: exp.Expr, root: exp.Expr | None) -> bool:
     child = node
     parent = node.parent
     while parent is not None and parent is not root:
-        if isinstance(parent, (exp.Where, exp.Having, exp.Group, exp.Order, exp.Qualify)):
+        if isinstance(
+            parent,
+            (exp.Where, exp.Having, exp.Group, exp.Order, exp.Qualify, exp.Limit, exp.Offset,
+             exp.Fetch),
+        ):
+            # LIMIT/OFFSET included: a subquery there turns a value into a row count.
             return True
         if isinstance(parent, exp.Window) and child is not parent.this:
             return True
@@ -794,7 +825,9 @@ def _in_predicate(node: exp.Expr, root: exp.Expr | None) -> bool:
             return True
         child, parent = parent, parent.parent
     if parent is root and root is not None and isinstance(root, exp.Select):
-        return child.arg_key in ("where", "having", "group", "order", "qualify", "joins")
+        return child.arg_key in (
+            "where", "having", "group", "order", "qualify", "joins", "limit", "offset"
+        )
     return False
 
 

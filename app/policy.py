@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ from app.errors import Unavailable
 log = logging.getLogger("querygate.policy")
 
 MASK_STRATEGIES = frozenset({"redact", "null", "partial", "email", "hash", "pan"})
+# partial keeps the first/last N characters: "partial" (0, 4) or "partial:F:L".
+_PARTIAL = re.compile(r"^partial:\d{1,2}:\d{1,2}$")
+DERIVED_MASKS = frozenset({"redact", "null", "deny"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,10 @@ class Decision:
     masks: dict[str, str]
     require_approval: dict[str, Any] | None
     max_rows: int | None
+    # What an output computed from a masked column gets: a full mask, or a denial.
+    derived_mask: str = "redact"
+    # Masked columns the policy lets the query filter, join, group or sort on.
+    masked_predicates_allowed: tuple[str, ...] = ()
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
@@ -79,9 +87,19 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         isinstance(k, str) and isinstance(v, str) for k, v in masks.items()
     ):
         raise _unavailable("malformed decision: masks must map column names to strategies")
-    unknown = sorted({v for v in masks.values() if v not in MASK_STRATEGIES})
+    unknown = sorted(
+        {v for v in masks.values() if v not in MASK_STRATEGIES and not _PARTIAL.match(v)}
+    )
     if unknown:
         raise _unavailable(f"malformed decision: unknown mask strategies {unknown}")
+    derived = result.get("derived_mask", "redact")
+    if derived not in DERIVED_MASKS:
+        raise _unavailable("malformed decision: derived_mask must be redact, null or deny")
+    allowed_predicates = result.get("masked_predicates_allowed", [])
+    if not isinstance(allowed_predicates, list) or not all(
+        isinstance(c, str) for c in allowed_predicates
+    ):
+        raise _unavailable("malformed decision: masked_predicates_allowed must be a string list")
     if approval is not None and not isinstance(approval, dict):
         raise _unavailable("malformed decision: require_approval must be null or an object")
     if max_rows is not None and (
@@ -95,6 +113,8 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         masks=dict(masks),
         require_approval=approval,
         max_rows=max_rows,
+        derived_mask=derived,
+        masked_predicates_allowed=tuple(allowed_predicates),
     )
 
 

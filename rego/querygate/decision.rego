@@ -18,6 +18,8 @@ decision := {
 	"allow": allow,
 	"reasons": reasons,
 	"masks": masks,
+	"derived_mask": derived_mask,
+	"masked_predicates_allowed": masked_predicates_allowed,
 	"require_approval": require_approval,
 	"max_rows": max_rows,
 }
@@ -42,14 +44,6 @@ reasons := sorted_reasons(deny) if count(deny) > 0
 sorted_reasons(rs) := [{"rule": p[0], "message": p[1]} |
 	some p in sort([[r.rule, r.message] | some r in rs])
 ]
-
-# Masking is a later issue; column_masks in data is empty until then. Keys
-# are source columns ("schema.table.column"): the gateway carries a mask to
-# every output derived from that column, so policy never reasons about aliases.
-masks[column] := strategy if {
-	some column in input.query.columns.read
-	strategy := cfg.column_masks[column]
-}
 
 require_approval := null
 

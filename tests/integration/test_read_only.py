@@ -10,6 +10,7 @@ import pytest
 from app.errors import Forbidden
 from app.executor import Executor
 from app.facts import QueryFacts
+from app.masking import MaskPlan
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,8 @@ def test_read_only_transaction_refuses_a_write_the_facts_missed(postgres, db):
         pool = await asyncpg.create_pool(postgres.app_dsn, min_size=1, max_size=1)
         try:
             await Executor(pool, 1000).run(
-                "UPDATE orders SET status = 'x' WHERE id = 32", [], facts, 10
+                "UPDATE orders SET status = 'x' WHERE id = 32", [], facts, 10,
+                lambda columns: MaskPlan((), columns, {}),
             )
         finally:
             await pool.close()

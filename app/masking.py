@@ -1,0 +1,180 @@
+"""Masking: apply the decision's per-source-column strategies to every output by lineage.
+
+The decision names *source* columns (``public.customers.email → email``); which outputs carry
+them is the facts' lineage, never the output's name, so an alias, a cast or a subquery cannot
+route a value around its mask:
+
+- an output whose every masked source is passed through unchanged (``direct``) gets the
+  source's strategy (different strategies on one output, e.g. a UNION of email and ssn, get
+  the full mask);
+- an output computed from a masked source (``expression``/``aggregate``) gets the full mask
+  the policy chose (``derived_mask``: ``redact`` or ``null``), or the query is denied
+  (``derived_mask: deny`` → 403 ``masked_derivation``);
+- a masked source used in a predicate can leak by inference (``WHERE ssn LIKE '1%'``) and is
+  denied (403 ``masked_column_predicate``) unless the decision lists it in
+  ``masked_predicates_allowed``.
+
+Types stay honest: a strategy that keeps the original type (``null``, and ``redact`` on
+non-text columns, which becomes null) reports the original type; one that produces text
+(``hash``, ``partial``, ``email``, ``pan``, ``redact`` on text) reports ``text``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import Forbidden
+from app.executor import Column
+from app.facts import QueryFacts
+from app.policy import Decision
+
+Masker = Callable[[Any], Any]
+
+TEXT_TYPES = frozenset({"text", "varchar", "bpchar", "name", "citext", "char"})
+_PARTIAL = re.compile(r"^partial(?::(\d{1,2}):(\d{1,2}))?$")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    return str(value)
+
+
+def make_masker(strategy: str, source_type: str, key: bytes, token: str) -> tuple[Masker, str]:
+    """The function masking one value, and the type name the masked column reports."""
+    is_text = source_type in TEXT_TYPES
+    if strategy == "null" or (strategy == "redact" and not is_text):
+        return (lambda _value: None), source_type
+    if strategy == "redact":
+        return (lambda value: None if value is None else token), source_type
+    if strategy == "hash":
+        def hashed(value: Any) -> Any:
+            if value is None:
+                return None
+            return hmac.new(key, _text(value).encode(), hashlib.sha256).hexdigest()
+
+        return hashed, "text"
+    if strategy == "email":
+        def email(value: Any) -> Any:
+            if value is None:
+                return None
+            text = _text(value)
+            local, at, domain = text.rpartition("@")
+            if not at or not local:
+                return token
+            return f"{local[0]}***@{domain}"
+
+        return email, "text"
+    if strategy == "pan":
+        def pan(value: Any) -> Any:
+            if value is None:
+                return None
+            text = _text(value)
+            digits = sum(ch.isdigit() for ch in text)
+            keep = 4 if digits >= 12 else 0  # too short to be a card: keep nothing
+            out, seen = [], 0
+            for ch in text:
+                if ch.isdigit():
+                    seen += 1
+                    out.append(ch if seen > digits - keep else "*")
+                else:
+                    out.append(ch)
+            return "".join(out)
+
+        return pan, "text"
+    match = _PARTIAL.match(strategy)
+    if match:
+        first = int(match.group(1) or 0)
+        last = int(match.group(2) or 4)
+
+        def partial(value: Any) -> Any:
+            if value is None:
+                return None
+            text = _text(value)
+            # Short values would be revealed whole: show no more than a third of them.
+            if first + last >= len(text) or (first + last) * 3 > len(text) * 2:
+                return "*" * len(text)
+            return text[:first] + "*" * (len(text) - first - last) + text[len(text) - last:]
+
+        return partial, "text"
+    raise Forbidden("masking_unavailable", f"unknown masking strategy {strategy!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MaskPlan:
+    """Per output column: the masker (or None) and the reported type."""
+
+    maskers: tuple[tuple[int, Masker], ...]
+    columns: tuple[Column, ...]
+    masked: dict[str, str]
+
+    def apply(self, row: Sequence[Any]) -> list[Any]:
+        values = list(row)
+        for index, masker in self.maskers:
+            values[index] = masker(values[index])
+        return values
+
+    def apply_all(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        if not self.maskers:
+            return [list(r) for r in rows]
+        return [self.apply(r) for r in rows]
+
+
+def check_predicates(facts: QueryFacts, decision: Decision) -> None:
+    """Deny masked columns in predicates unless the decision allows each one."""
+    allowed = set(decision.masked_predicates_allowed)
+    leaking = sorted(
+        col for col in facts.columns_predicate if col in decision.masks and col not in allowed
+    )
+    if leaking:
+        raise Forbidden(
+            "masked_column_predicate",
+            "masked columns may not be used to filter, join, group or sort rows: "
+            + ", ".join(leaking),
+            columns=leaking,
+            decision_id=decision.id,
+        )
+
+
+def plan(
+    facts: QueryFacts,
+    decision: Decision,
+    columns: Sequence[Column],
+    key: bytes,
+    token: str,
+) -> MaskPlan:
+    """Build the masking plan for this result; deny where the policy said so."""
+    maskers: list[tuple[int, Masker]] = []
+    reported: list[Column] = []
+    masked: dict[str, str] = {}
+    if not decision.masks:
+        return MaskPlan((), tuple(columns), {})
+    # Columns and outputs have been cross-checked to agree in number and order.
+    for index, (column, output) in enumerate(zip(columns, facts.outputs, strict=True)):
+        strategies = {decision.masks[s] for s in output.sources if s in decision.masks}
+        if not strategies:
+            reported.append(column)
+            continue
+        if output.derivation == "direct" and len(strategies) == 1:
+            strategy = strategies.pop()
+        elif decision.derived_mask == "deny":
+            raise Forbidden(
+                "masked_derivation",
+                f"output {column.name!r} is computed from masked columns and policy "
+                "denies such outputs",
+                decision_id=decision.id,
+            )
+        else:
+            strategy = decision.derived_mask
+        masker, type_name = make_masker(strategy, column.type, key, token)
+        maskers.append((index, masker))
+        reported.append(Column(column.name, type_name))
+        masked[column.name] = strategy
+    return MaskPlan(tuple(maskers), tuple(reported), masked)

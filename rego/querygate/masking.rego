@@ -1,0 +1,89 @@
+# Which source columns are masked for this caller, and how.
+#
+# The gateway carries each mask to every output derived from the column (by
+# lineage, not by name), so this file only reasons about catalog columns:
+# "public.customers.email" → "email". Strategies: redact, null, partial
+# (partial:F:L keeps the first F and last L characters; plain partial keeps the
+# last 4), email, hash (keyed, deterministic: joins and GROUP BY still work),
+# pan (card number, last four kept).
+package querygate
+
+# A column's class: the policy data's classification wins (a team may
+# reclassify a column, or mark it "public" to opt out); otherwise the class the
+# gateway gave it from its name when it read the catalog (input.classification).
+column_class[col] := cls if {
+	some col in input.query.columns.read
+	cls := cfg.classification[col]
+}
+
+column_class[col] := cls if {
+	some col in input.query.columns.read
+	not has_data_class(col)
+	cls := input.classification[col]
+}
+
+has_data_class(col) if cfg.classification[col]
+
+masks[col] := strategy_for(cls) if {
+	some col, cls in column_class
+	cls != "public"
+	not unmasked_for_caller(cls)
+}
+
+# A group sees a class in the clear when it is listed for the class or for a
+# parent class: "pii" covers "pii.email" and "pii.ssn".
+unmasked_for_caller(cls) if {
+	some prefix, allowed in cfg.masking.unmasked_groups
+	class_within(cls, prefix)
+	some g in groups
+	g in allowed
+}
+
+class_within(cls, prefix) if cls == prefix
+
+class_within(cls, prefix) if startswith(cls, concat("", [prefix, "."]))
+
+# A group-wide strategy (security reviews hashes, so it can still join and
+# count) comes before the per-class one. Groups are sorted so two memberships
+# always resolve the same way.
+group_overrides := [s |
+	some g in sort([g | some g in groups])
+	s := cfg.masking.group_strategies[g]
+]
+
+strategy_for(_) := group_overrides[0] if count(group_overrides) > 0
+
+strategy_for(cls) := class_strategy(cls) if count(group_overrides) == 0
+
+# Without configuration a sensitive column is still fully masked.
+default class_strategy(_) := "redact"
+
+class_strategy(cls) := cfg.masking.strategies[cls]
+
+class_strategy(cls) := cfg.masking.default_strategy if not cfg.masking.strategies[cls]
+
+# An output computed from a masked column (lower(email), count(DISTINCT ssn))
+# gets a full mask, or the query is denied when this is "deny".
+default derived_mask := "redact"
+
+derived_mask := cfg.masking.derived
+
+# A masked column used to filter, join, group or sort can leak its value by
+# inference, so the gateway denies it — except for the columns listed here:
+# for named groups, and for hash-masked columns used only as equality join
+# keys (equal hashes reveal no more than the join itself).
+masked_predicates_allowed contains col if {
+	some col in input.query.columns.predicate
+	masks[col]
+	predicate_exempt(col)
+}
+
+predicate_exempt(_) if {
+	some g in groups
+	g in cfg.masking.predicate_groups
+}
+
+predicate_exempt(col) if {
+	masks[col] == "hash"
+	col in input.query.columns.join_equality
+}

@@ -1,0 +1,107 @@
+package querygate_test
+
+import data.querygate
+
+customers_read(cols, predicate) := {
+	"kind": "select",
+	"tables": {"read": ["public.customers"], "write": []},
+	"columns": {"read": cols, "predicate": predicate, "join_equality": []},
+	"functions": [],
+}
+
+masking_input(groups, cols, predicate, classes) := {
+	"identity": {"sub": "someone", "groups": groups},
+	"environment": "staging",
+	"query": customers_read(cols, predicate),
+	"classification": classes,
+}
+
+demo_classes := {
+	"public.customers.email": "pii.email",
+	"public.customers.ssn": "pii.ssn",
+	"public.customers.card_number": "pci.pan",
+}
+
+demo_cols := ["public.customers.card_number", "public.customers.email", "public.customers.id", "public.customers.ssn"]
+
+test_analysts_get_class_strategies if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, [], demo_classes)
+	d.allow
+	d.masks == {
+		"public.customers.email": "email",
+		"public.customers.ssn": "partial",
+		"public.customers.card_number": "pan",
+	}
+	d.derived_mask == "redact"
+}
+
+test_pii_readers_see_pii_but_not_cards if {
+	d := querygate.decision with input as masking_input(["pii_readers"], demo_cols, [], demo_classes)
+	d.masks == {"public.customers.card_number": "pan"}
+}
+
+test_security_sees_hashes_of_everything_sensitive if {
+	d := querygate.decision with input as masking_input(["security"], demo_cols, [], demo_classes)
+	d.masks == {
+		"public.customers.email": "hash",
+		"public.customers.ssn": "hash",
+		"public.customers.card_number": "hash",
+	}
+}
+
+test_only_columns_the_query_reads_are_listed if {
+	d := querygate.decision with input as masking_input(["analysts"], ["public.customers.id", "public.customers.email"], [], demo_classes)
+	d.masks == {"public.customers.email": "email"}
+}
+
+test_policy_data_can_reclassify_and_opt_out if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, [], demo_classes)
+		with data.querygate.config.classification as {
+			"public.customers.email": "public",
+			"public.customers.id": "secret.internal",
+		}
+	d.masks == {
+		"public.customers.id": "redact",
+		"public.customers.ssn": "partial",
+		"public.customers.card_number": "pan",
+	}
+}
+
+test_unconfigured_classes_are_fully_masked if {
+	d := querygate.decision with input as masking_input(["analysts"], ["public.customers.email"], [], {"public.customers.email": "pii.email"})
+		with data.querygate.config as object.remove(data.querygate.config, ["masking"])
+	d.masks == {"public.customers.email": "redact"}
+}
+
+test_masked_predicates_are_not_exempt_by_default if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, ["public.customers.ssn"], demo_classes)
+	d.masked_predicates_allowed == set()
+}
+
+test_predicate_groups_exempt_masked_predicates if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, ["public.customers.ssn"], demo_classes)
+		with data.querygate.config.masking.predicate_groups as ["analysts"]
+	d.masked_predicates_allowed == {"public.customers.ssn"}
+}
+
+test_hash_equality_joins_are_exempt if {
+	inp := masking_input(["security"], demo_cols, ["public.customers.email"], demo_classes)
+	joined := object.union(inp, {"query": object.union(inp.query, {"columns": {
+		"read": demo_cols,
+		"predicate": ["public.customers.email"],
+		"join_equality": ["public.customers.email"],
+	}})})
+	d := querygate.decision with input as joined
+	d.masked_predicates_allowed == {"public.customers.email"}
+}
+
+test_hash_probe_is_not_exempt if {
+	d := querygate.decision with input as masking_input(["security"], demo_cols, ["public.customers.email"], demo_classes)
+	d.masked_predicates_allowed == set()
+}
+
+test_derived_mask_comes_from_data if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, [], demo_classes)
+		with data.querygate.config.masking.derived as "deny"
+	d.derived_mask == "deny"
+}
