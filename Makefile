@@ -65,9 +65,10 @@ test: venv $(OPA) lint policy-test ## install what is needed, lint, and run ever
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(VENV)/bin/pytest
 
 .PHONY: bench
-bench: venv $(OPA) ## facts extraction (cold/cached) and OPA decision round trip, in one run
+bench: venv $(OPA) ## facts (cold/cached), OPA round trip, 1M-row masked NDJSON stream
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/facts_bench.py
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/opa_decision_bench.py 2000
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/stream_bench.py 1000000
 
 .PHONY: clean
 clean: ## remove local state (not the OPA build cache)

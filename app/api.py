@@ -139,6 +139,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.policy.close()
+        await self.authenticator.close()
         if self.pool is not None:
             await self.pool.close()
 
@@ -255,7 +256,9 @@ async def evaluate(
     """Who, what, decide: the shared front half of /v1/query and /v1/explain."""
     gateway = _gateway(request)
     request_id = _request_id(request)
-    identity = gateway.authenticator.authenticate(request.headers.get("authorization"))
+    identity = await gateway.authenticator.authenticate(
+        request.headers, request.client.host if request.client else None
+    )
     body = await read_query(request, gateway.settings)
     catalog = gateway.catalog
     if catalog is None:
@@ -388,6 +391,8 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
             ),
         )
+        # The first JWKS fetch (bounded by QUERYGATE_JWKS_TIMEOUT_MS) happens before serving.
+        await authenticator.start()
         try:
             await gateway.connect()
         except Exception as exc:
@@ -478,6 +483,7 @@ def create_app(settings: Settings) -> FastAPI:
         _log_decision(identity, facts, decision, request_id, "explained")
         return render(
             {
+                "identity": identity.to_input(),
                 "facts": facts.to_input(),
                 "decision": {
                     "id": decision.id,
@@ -496,7 +502,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def refresh_catalog(request: Request) -> Response:
         """Re-read the catalog now (admin groups only); cached facts go stale with it."""
         gateway = _gateway(request)
-        identity = gateway.authenticator.authenticate(request.headers.get("authorization"))
+        identity = await gateway.authenticator.authenticate(
+            request.headers, request.client.host if request.client else None
+        )
         if not set(identity.groups) & set(settings.admin_groups):
             raise Forbidden("admin_required", "refreshing the catalog needs an admin group")
         before = gateway.catalog.version if gateway.catalog else 0

@@ -174,3 +174,42 @@ async def _prepare(admin_dsn: str, app_dsn: str, demo: bool) -> None:
             await load_demo(conn)
         finally:
             await conn.close()
+
+
+@dataclass
+class GatewayProcess:
+    """A ``querygate serve`` process (for tests and benchmarks that measure it from outside)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(settings: dict[str, str], log_path: Path) -> GatewayProcess:
+    """Run ``querygate serve`` with exactly these QUERYGATE_* settings and wait for /readyz."""
+    import sys
+
+    port = settings.get("port") or str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYGATE_")}
+    env.update({f"QUERYGATE_{k.upper()}": v for k, v in settings.items()})
+    env["QUERYGATE_PORT"] = port
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        )
+    gateway = GatewayProcess(process, f"http://127.0.0.1:{port}")
+    try:
+        wait_http(f"{gateway.url}/readyz", timeout_s=60)
+    except StackError:
+        gateway.stop()
+        raise StackError(f"gateway did not become ready: {log_path.read_text()[-2000:]}") from None
+    return gateway

@@ -775,9 +775,10 @@ def _output_name(projection: exp.Expr) -> str:
     """The column name PostgreSQL reports: the alias, else one derived from the expression."""
     name = projection.alias_or_name
     # sqlglot's qualifier names unaliased expressions _col_N; PostgreSQL does otherwise.
-    if not (isinstance(projection, exp.Alias) and re.fullmatch(r"_col_\d+", name)):
+    if not re.fullmatch(r"_col_\d+", name):
         return name
-    node = projection.this
+    # A scalar subquery carries the generated name itself; other expressions in an Alias.
+    node = projection.this if isinstance(projection, exp.Alias) else projection
     while isinstance(node, exp.Paren):
         node = node.this
     if isinstance(node, exp.Cast):

@@ -190,3 +190,182 @@ def alice(keys: Keys) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def dana(keys: Keys) -> dict[str, str]:
     return keys.headers("dana", ["dba"])
+
+
+# --- identity: a real OIDC/JWKS provider on loopback (tests/*/test_identity*.py) -------------
+# Appended after the fixtures above, hence the late imports.
+
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import json  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
+
+
+class SigningKey:
+    """One signing key of a test identity provider, with the kid it is published under."""
+
+    def __init__(self, kid: str, kind: str = "RSA") -> None:
+        self.kid = kid
+        self.private: Any
+        if kind == "RSA":
+            self.private, self.alg = rsa.generate_private_key(65537, 2048), "RS256"
+            self._jwk_alg = jwt.algorithms.RSAAlgorithm
+        elif kind == "EC":
+            self.private, self.alg = ec.generate_private_key(ec.SECP256R1()), "ES256"
+            self._jwk_alg = jwt.algorithms.ECAlgorithm
+        else:
+            self.private, self.alg = ed25519.Ed25519PrivateKey.generate(), "EdDSA"
+            self._jwk_alg = jwt.algorithms.OKPAlgorithm
+
+    def jwk(self, **extra: Any) -> dict[str, Any]:
+        """The public JWK as an IdP publishes it."""
+        jwk = self._jwk_alg.to_jwk(self.private.public_key(), as_dict=True)
+        return {**jwk, "kid": self.kid, "use": "sig", "alg": self.alg, **extra}
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, claims: dict[str, Any], **header: Any) -> str:
+        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header})
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge_hs256(claims: dict[str, Any], secret: bytes, kid: str) -> str:
+    """An HS256 token whose HMAC secret is `secret` — PyJWT refuses to make one with a PEM."""
+    signing_input = (
+        b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+        + "."
+        + b64url(json.dumps(claims).encode())
+    )
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(mac)}"
+
+
+def unsigned(claims: dict[str, Any], kid: str) -> str:
+    """An `alg: none` token."""
+    header = b64url(json.dumps({"alg": "none", "typ": "JWT", "kid": kid}).encode())
+    return f"{header}.{b64url(json.dumps(claims).encode())}."
+
+
+class IdentityProvider:
+    """A real OIDC issuer on 127.0.0.1 serving discovery and a JWKS the test can rotate.
+
+    ``mode``: ``ok`` answers; ``hang`` accepts and answers nothing until stopped (or
+    released); ``error`` answers 503. ``routes`` overrides any path with (status, body).
+    ``requests`` lists every path asked for, so tests can count fetches.
+    """
+
+    def __init__(self, issuer: str | None = None, jwks_path: str = "/jwks.json") -> None:
+        self.keys: list[SigningKey] = []
+        self.requests: list[str] = []
+        self.mode = "ok"
+        self.routes: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self.jwks_path = jwks_path
+        self.release = threading.Event()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                provider.requests.append(self.path)
+                if provider.mode == "hang":
+                    provider.release.wait(30)
+                    return
+                status, body, headers = provider.answer(self.path)
+                self.send_response(status)
+                for name, value in {"content-type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.issuer = issuer or self.url
+        self.jwks_url = self.url + jwks_path
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.running = True
+
+    def answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        if path in self.routes:
+            return self.routes[path]
+        if self.mode == "error":
+            return 503, b'{"error": "down"}', {}
+        if path == "/.well-known/openid-configuration":
+            doc = {"issuer": self.issuer, "jwks_uri": self.jwks_url}
+            return 200, json.dumps(doc).encode(), {}
+        if path == self.jwks_path:
+            return 200, json.dumps({"keys": [k.jwk() for k in self.keys]}).encode(), {}
+        return 404, b"{}", {}
+
+    def publish(self, *keys: SigningKey) -> None:
+        """Replace the published key set (a rotation step)."""
+        self.keys = list(keys)
+
+    def jwks_requests(self) -> int:
+        return self.requests.count(self.jwks_path)
+
+    def claims(self, sub: str, groups: list[str] | None = None, **claims: Any) -> dict[str, Any]:
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "sub": sub, "iss": self.issuer, "aud": AUDIENCE, "iat": now, "nbf": now,
+            "exp": now + 600,
+        }
+        if groups is not None:
+            body["groups"] = groups
+        body.update(claims)
+        return {k: v for k, v in body.items() if v is not None}
+
+    def token(self, key: SigningKey, sub: str, groups: list[str] | None = None,
+              header: dict[str, Any] | None = None, **claims: Any) -> str:
+        return key.sign(self.claims(sub, groups, **claims), **(header or {}))
+
+    def sa_token(self, key: SigningKey, namespace: str, name: str, **claims: Any) -> str:
+        """A Kubernetes projected service-account token as the API server mints it."""
+        return self.token(
+            key, f"system:serviceaccount:{namespace}:{name}",
+            **{"kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": name, "uid": "0d4c-sa-uid"},
+                "pod": {"name": f"{name}-7d9f", "uid": "5e1a-pod-uid"},
+            }},
+            **claims,
+        )
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            self.release.set()
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def make_idp() -> Iterator[Callable[..., IdentityProvider]]:
+    """Start identity providers on loopback; all are stopped at the end of the session."""
+    started: list[IdentityProvider] = []
+
+    def make(**kwargs: Any) -> IdentityProvider:
+        provider = IdentityProvider(**kwargs)
+        started.append(provider)
+        return provider
+
+    yield make
+    for provider in started:
+        provider.stop()

@@ -75,6 +75,8 @@ def test_token_command_refuses_prod_even_in_dev_mode(monkeypatch, capsys, tmp_pa
 
 
 def test_token_command_mints_a_verifiable_token(monkeypatch, capsys, tmp_path):
+    import asyncio
+
     from app.identity import Authenticator
 
     monkeypatch.setenv("QUERYGATE_ENVIRONMENT", "staging")
@@ -83,7 +85,7 @@ def test_token_command_mints_a_verifiable_token(monkeypatch, capsys, tmp_path):
     assert main(["token", "--sub", "alice", "--groups", "analysts,pii_readers"]) == 0
     token = capsys.readouterr().out.strip()
     settings = load_settings(database_url="postgresql://h/db")
-    identity = Authenticator(settings).authenticate(f"Bearer {token}")
+    identity = asyncio.run(Authenticator(settings).verify_token(token))
     assert identity.sub == "alice"
     assert identity.groups == ("analysts", "pii_readers")
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
