@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -81,6 +82,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # The demo's security officer administers the gateway (catalog refresh).
     os.environ.setdefault("QUERYGATE_ADMIN_GROUPS", "security")
     data_dir = Path(args.data_dir).resolve()
+    # A stable hash-masking key for the demo, so hashes survive a restart of make run.
+    mask_key_file = data_dir / "dev" / "mask-key"
+    if not mask_key_file.exists():
+        mask_key_file.parent.mkdir(parents=True, exist_ok=True)
+        mask_key_file.touch(mode=0o600)
+        mask_key_file.write_text(secrets.token_hex(32))
+    os.environ.setdefault("QUERYGATE_MASK_HMAC_KEY", mask_key_file.read_text().strip())
     probe = load_settings(dev_mode=True, dev_signing_key_file=data_dir / "dev" / "signing-key.pem")
     _configure_logging(probe.log_level)
     print(f"querygate dev: starting PostgreSQL in {data_dir / 'pg'} …", flush=True)  # noqa: T201
