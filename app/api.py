@@ -174,6 +174,16 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "") or str(uuid.uuid4())
 
 
+async def _require_admin(request: Request, gateway: Gateway) -> Identity:
+    """The verified caller, who must be in an admin group."""
+    identity = await gateway.authenticator.authenticate(
+        request.headers, request.client.host if request.client else None
+    )
+    if not set(identity.groups) & set(gateway.settings.admin_groups):
+        raise Forbidden("admin_required", "this endpoint needs an admin group")
+    return identity
+
+
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
@@ -502,11 +512,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def refresh_catalog(request: Request) -> Response:
         """Re-read the catalog now (admin groups only); cached facts go stale with it."""
         gateway = _gateway(request)
-        identity = await gateway.authenticator.authenticate(
-            request.headers, request.client.host if request.client else None
-        )
-        if not set(identity.groups) & set(settings.admin_groups):
-            raise Forbidden("admin_required", "refreshing the catalog needs an admin group")
+        identity = await _require_admin(request, gateway)
         before = gateway.catalog.version if gateway.catalog else 0
         catalog = await gateway.refresh_catalog()
         log.info("catalog refreshed by %s: version %s -> %s", identity.sub, before, catalog.version)
@@ -517,6 +523,32 @@ def create_app(settings: Settings) -> FastAPI:
                 "relations": sum(len(t) for t in catalog.relations.values()),
             }
         )
+
+    @app.get("/v1/admin/catalog")
+    async def catalog_listing(request: Request) -> Response:
+        """Every visible column with its class and where the class came from (admin only)."""
+        gateway = _gateway(request)
+        await _require_admin(request, gateway)
+        catalog = gateway.catalog
+        if catalog is None:
+            raise Unavailable("database_unavailable", "the catalog has not been read yet")
+        configured = await gateway.policy.data("querygate/config/classification")
+        overrides = configured if isinstance(configured, dict) else {}
+        columns = []
+        for schema, tables in catalog.relations.items():
+            for name, relation in tables.items():
+                for column, type_name in relation.columns.items():
+                    qualified = f"{schema}.{name}.{column}"
+                    if qualified in overrides:
+                        cls, source = overrides[qualified], "policy data"
+                    elif qualified in catalog.classes:
+                        cls, source = catalog.classes[qualified], "column name"
+                    else:
+                        cls, source = None, None
+                    columns.append({"column": qualified, "type": type_name,
+                                    "relation_kind": relation.kind, "class": cls,
+                                    "class_source": source})
+        return render({"version": catalog.version, "columns": columns})
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -136,16 +136,43 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else the dev token of --as from `make run`'s token file."""
+    if args.token is not None:
+        return str(args.token)
+    token_file = Path(args.data_dir) / "dev" / "tokens.json"
+    try:
+        return str(json.loads(token_file.read_text())[args.as_])
+    except (OSError, KeyError, ValueError):
+        print(f"no dev token for {args.as_!r} in {token_file}; pass --token", file=sys.stderr)  # noqa: T201
+        return None
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """List every visible column with its class and where the class came from."""
+    token = _token(args)
+    if token is None:
+        return 2
+    response = httpx.get(
+        f"{args.url}/v1/admin/catalog", headers={"authorization": f"Bearer {token}"}, timeout=10
+    )
+    body = response.json()
+    if response.status_code != 200:
+        print(json.dumps(body, indent=2), file=sys.stderr)  # noqa: T201
+        return 1
+    rows = [(c["column"], c["type"], c["class"] or "-", c["class_source"] or "-")
+            for c in body["columns"]]
+    widths = [max(len(r[i]) for r in [("column", "type", "class", "from"), *rows]) for i in range(4)]
+    for row in [("column", "type", "class", "from"), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())  # noqa: T201
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Ask a running gateway what it sees and decides for a statement."""
-    token = args.token
+    token = _token(args)
     if token is None:
-        token_file = Path(args.data_dir) / "dev" / "tokens.json"
-        try:
-            token = json.loads(token_file.read_text())[args.as_]
-        except (OSError, KeyError, ValueError):
-            print(f"no dev token for {args.as_!r} in {token_file}; pass --token", file=sys.stderr)  # noqa: T201
-            return 2
+        return 2
     response = httpx.post(
         f"{args.url}/v1/explain",
         json={"sql": args.sql, "params": json.loads(args.params)},
@@ -179,12 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--token", default=None, help="a bearer token instead of --as")
     explain.add_argument("--url", default="http://127.0.0.1:8080")
     explain.add_argument("--data-dir", default=".querygate")
+
+    catalog = sub.add_parser("catalog", help="list columns with their class and its origin")
+    catalog.add_argument("--as", dest="as_", default="sec", help="demo identity (an admin)")
+    catalog.add_argument("--token", default=None, help="a bearer token instead of --as")
+    catalog.add_argument("--url", default="http://127.0.0.1:8080")
+    catalog.add_argument("--data-dir", default=".querygate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain}
+    handlers = {
+        "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
+        "catalog": cmd_catalog,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -172,6 +172,17 @@ class PolicyClient:
             decision_id = str(uuid.uuid4())
         return parse_decision(payload.get("result"), decision_id)
 
+    async def data(self, path: str) -> Any:
+        """A document of the policy's data (e.g. querygate/config/classification), or None."""
+        client = await self._session()
+        try:
+            async with asyncio.timeout(self._timeout):
+                body = await client.get_data(path)
+        except Exception as exc:
+            log.info("OPA data %s unavailable: %s", path, type(exc).__name__)
+            return None
+        return body.get("result") if isinstance(body, dict) else None
+
     async def ready(self) -> tuple[bool, str]:
         """OPA healthy and answering the decision with a well-formed object."""
         client = await self._session()

@@ -263,3 +263,19 @@ def test_new_sensitive_column_is_masked_after_refresh(make_gateway, keys, db):
     body = gw.query("SELECT id, phone_number FROM people", alice).json()
     assert body["rows"] == [[1, "**********4567"]]
     assert body["decision"]["masked"] == {"phone_number": "partial"}
+
+
+def test_catalog_command_lists_classes_and_their_origin(make_gateway, keys, capsys):
+    from app.cli import main
+
+    gw = make_gateway(admin_groups=["security"])
+    code = main(["catalog", "--url", gw.url, "--token", keys.token("sec", ["security"])])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["column", "type", "class", "from"]
+    table = {line.split()[0]: line.split()[2:] for line in lines[1:]}
+    assert table["public.customers.email"] == ["pii.email", "column", "name"]
+    assert table["public.customers.card_number"] == ["pci.pan", "column", "name"]
+    assert table["public.customers.country"] == ["-", "-"]
+    denied = main(["catalog", "--url", gw.url, "--token", keys.token("alice", ["analysts"])])
+    assert denied == 1
