@@ -28,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import masking
+from app.approvals import Approval, ApprovalStore, Notifier, validate_comment
 from app.catalog import Catalog, introspect
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.errors import (
     BadRequest,
     Forbidden,
@@ -57,6 +58,8 @@ class QueryRequest(BaseModel):
 
     sql: str = Field(min_length=1)
     params: list[JsonValue] = Field(default_factory=list)
+    # The approval this re-submission uses (from a 202 answer to the same request).
+    approval_id: str | None = Field(default=None, max_length=64)
 
 
 def _json_default(value: Any) -> Any:
@@ -89,6 +92,8 @@ class Gateway:
     extractor: FactsExtractor
     policy: PolicyClient
     mask_key: bytes = b""
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
+    approvals: ApprovalStore | None = None
     pool: asyncpg.Pool | None = None
     catalog: Catalog | None = None
     executor: Executor | None = None
@@ -107,8 +112,28 @@ class Gateway:
             # Resolution in the extractor assumes exactly this search path.
             server_settings={"search_path": search_path, "application_name": "querygate"},
         )
+        await self._check_login_role()
+        self.approvals = ApprovalStore(self.pool)
+        await self.approvals.migrate()
         self.executor = Executor(self.pool, settings.statement_timeout_ms)
         await self.refresh_catalog()
+
+    async def _check_login_role(self) -> None:
+        """In prod, refuse a login role that policy could not contain."""
+        assert self.pool is not None
+        row = await self.pool.fetchrow(
+            "SELECT rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user"
+        )
+        risky = bool(row and (row["rolsuper"] or row["rolbypassrls"]))
+        if risky and self.settings.environment == "prod":
+            await self.pool.close()
+            self.pool = None
+            raise ConfigError(
+                "QUERYGATE_DATABASE_URL: the gateway's login role is a superuser or bypasses row "
+                "security; in prod it must be an ordinary role (SET LOCAL ROLE and RLS rely on it)"
+            )
+        if risky:
+            log.warning("the gateway's login role is a superuser or bypasses RLS (allowed outside prod)")
 
     async def refresh_catalog(self) -> Catalog:
         """Re-read the catalog; the version (and so the facts cache key) moves on change."""
@@ -128,6 +153,8 @@ class Gateway:
                     await self.refresh_catalog()
             except asyncio.CancelledError:
                 raise
+            except ConfigError as exc:
+                log.error("%s", exc)
             except Exception as exc:
                 log.warning("database maintenance failed: %s", type(exc).__name__)
             await asyncio.sleep(self.settings.catalog_refresh_s if self.pool is not None else 1.0)
@@ -139,6 +166,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.policy.close()
+        await self.notifier.close()
         await self.authenticator.close()
         if self.pool is not None:
             await self.pool.close()
@@ -240,6 +268,7 @@ def build_input(
     catalog: Catalog,
     request: Request,
     request_id: str,
+    approval: Approval | None = None,
 ) -> dict[str, Any]:
     """The OPA input document (docs/decision-contract.md)."""
     return {
@@ -256,14 +285,25 @@ def build_input(
         "classification": {
             col: catalog.classes[col] for col in facts.columns_read if col in catalog.classes
         },
-        "approval": None,
+        "approval": approval.to_policy_input() if approval else None,
     }
 
 
-async def evaluate(
-    request: Request,
-) -> tuple[Gateway, Identity, QueryRequest, QueryFacts, Decision, str]:
-    """Who, what, decide: the shared front half of /v1/query and /v1/explain."""
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Who asked what, and what policy said: the front half of /v1/query and /v1/explain."""
+
+    gateway: Gateway
+    identity: Identity
+    body: QueryRequest
+    facts: QueryFacts
+    decision: Decision
+    request_id: str
+    approval: Approval | None
+
+
+async def evaluate(request: Request) -> Evaluation:
+    """Who, what, decide — nothing executed."""
     gateway = _gateway(request)
     request_id = _request_id(request)
     identity = await gateway.authenticator.authenticate(
@@ -271,7 +311,7 @@ async def evaluate(
     )
     body = await read_query(request, gateway.settings)
     catalog = gateway.catalog
-    if catalog is None:
+    if catalog is None or gateway.approvals is None:
         raise Unavailable("database_unavailable", "the catalog has not been read yet")
     facts = gateway.extractor.extract(body.sql, catalog)
     if len(body.params) != facts.param_count:
@@ -279,10 +319,16 @@ async def evaluate(
             "invalid_parameters",
             f"the statement uses {facts.param_count} parameters; {len(body.params)} were given",
         )
+    approval = None
+    if body.approval_id is not None:
+        # Bound to requester, SQL text, parameters and environment, or refused here.
+        approval = await gateway.approvals.verify(
+            body.approval_id, identity, gateway.settings.environment, body.sql, body.params
+        )
     decision = await gateway.policy.decide(
-        build_input(gateway, identity, facts, catalog, request, request_id)
+        build_input(gateway, identity, facts, catalog, request, request_id, approval)
     )
-    return gateway, identity, body, facts, decision, request_id
+    return Evaluation(gateway, identity, body, facts, decision, request_id, approval)
 
 
 def _log_decision(
@@ -303,20 +349,27 @@ def _log_decision(
     )
 
 
+def _approval_event(gateway: Gateway, approval: Approval, event: str, actor: str) -> None:
+    """Log (and, with a webhook, announce) an approval lifecycle step; never parameter values."""
+    decisions_log.info(
+        "approval %s", event,
+        extra={"approval_id": approval.id, "event": event, "actor": actor,
+               "requester": approval.requester.get("sub"), "fingerprint": approval.fingerprint},
+    )
+    if event in ("requested", "approved", "rejected"):
+        gateway.notifier.notify(
+            f"querygate approval {approval.id} {event} by {actor}: "
+            f"{approval.reason} (requester {approval.requester.get('sub')}, "
+            f"environment {approval.environment}, tables {', '.join(approval.tables)})"
+        )
+
+
 def _enforce(decision: Decision, facts: QueryFacts, identity: Identity, request_id: str) -> None:
     if not decision.allow:
         _log_decision(identity, facts, decision, request_id, "denied")
         raise Forbidden(
             "policy_denied",
             "; ".join(r.message for r in decision.reasons) or "denied by policy",
-            reasons=decision.reasons_json(),
-            decision_id=decision.id,
-        )
-    if decision.require_approval is not None:
-        _log_decision(identity, facts, decision, request_id, "approval_unsupported")
-        raise Forbidden(
-            "approval_required",
-            "the policy requires an approval, which this gateway cannot take yet",
             reasons=decision.reasons_json(),
             decision_id=decision.id,
         )
@@ -403,8 +456,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         # The first JWKS fetch (bounded by QUERYGATE_JWKS_TIMEOUT_MS) happens before serving.
         await authenticator.start()
+        gateway.notifier = Notifier(settings.approval_webhook_url)
         try:
             await gateway.connect()
+        except ConfigError:
+            # A misconfiguration is not a passing outage: refuse to start.
+            await gateway.close()
+            raise
         except Exception as exc:
             log.warning("database not reachable at start-up: %s", type(exc).__name__)
         gateway.tasks.append(asyncio.create_task(gateway.maintain()))
@@ -453,9 +511,32 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/query")
     async def query(request: Request) -> Response:
         """Decide and, if allowed, run the statement."""
-        gateway, identity, body, facts, decision, request_id = await evaluate(request)
-        _enforce(decision, facts, identity, request_id)
-        assert gateway.executor is not None  # a catalog implies a connected pool
+        ev = await evaluate(request)
+        gateway, identity, body, facts, decision = (
+            ev.gateway, ev.identity, ev.body, ev.facts, ev.decision
+        )
+        _enforce(decision, facts, identity, ev.request_id)
+        assert gateway.executor is not None and gateway.approvals is not None
+        if decision.require_approval is not None:
+            if ev.approval is not None:
+                raise Forbidden(
+                    "approval_not_accepted",
+                    "the policy still requires an approval for this request",
+                    decision_id=decision.id,
+                )
+            approval = await gateway.approvals.create(
+                identity, settings.environment, body.sql, list(body.params), facts.fingerprint,
+                decision.require_approval, decision.id,
+            )
+            _approval_event(gateway, approval, "requested", identity.sub)
+            return render(
+                {"approval": approval.to_json(), "decision_id": decision.id}, status=202
+            )
+        if ev.approval is not None:
+            # After policy said yes with the approval in its input, and before anything runs:
+            # the one conditional UPDATE that makes an approval single-use.
+            await gateway.approvals.claim(ev.approval, list(body.params))
+            _approval_event(gateway, ev.approval, "used", identity.sub)
         plans: list[masking.MaskPlan] = []
 
         def planner(columns: tuple[Any, ...]) -> masking.MaskPlan:
@@ -470,27 +551,109 @@ def create_app(settings: Settings) -> FastAPI:
             # bound); the policy's own max_rows still holds.
             batches = gateway.executor.stream(
                 body.sql, body.params, facts, decision.max_rows, planner,
-                settings.stream_batch_rows,
+                settings.stream_batch_rows, db_role=decision.db_role,
             )
             first = await anext(batches)  # errors before the first row are plain errors
-            _log_decision(identity, facts, decision, request_id, "streamed")
+            _log_decision(identity, facts, decision, ev.request_id, "streamed")
             return StreamingResponse(
-                _ndjson(first, batches, decision, request_id), media_type=NDJSON
+                _ndjson(first, batches, decision, ev.request_id), media_type=NDJSON
             )
         limit = settings.max_rows if decision.max_rows is None else min(
             settings.max_rows, decision.max_rows
         )
         started = time.perf_counter()
-        result = await gateway.executor.run(body.sql, body.params, facts, limit, planner)
-        _log_decision(identity, facts, decision, request_id, "executed")
+        result = await gateway.executor.run(
+            body.sql, body.params, facts, limit, planner,
+            db_role=decision.db_role, max_rows_affected=decision.max_rows_affected,
+        )
+        _log_decision(identity, facts, decision, ev.request_id, "executed")
         log.debug("executed in %.2f ms", (time.perf_counter() - started) * 1000)
         return render(_result_body(result, decision, plans[0]))
+
+    async def _approval_for(request: Request, approval_id: str) -> tuple[Gateway, Identity, Approval]:
+        gateway = _gateway(request)
+        identity = await gateway.authenticator.authenticate(
+            request.headers, request.client.host if request.client else None
+        )
+        if gateway.approvals is None:
+            raise Unavailable("database_unavailable", "the database is not connected")
+        return gateway, identity, await gateway.approvals.get(approval_id)
+
+    @app.get("/v1/approvals")
+    async def list_approvals(request: Request, status: str | None = None) -> Response:
+        """Your own requests and those awaiting one of your groups."""
+        gateway = _gateway(request)
+        identity = await gateway.authenticator.authenticate(
+            request.headers, request.client.host if request.client else None
+        )
+        if gateway.approvals is None:
+            raise Unavailable("database_unavailable", "the database is not connected")
+        approvals = await gateway.approvals.visible_to(identity, status)
+        return render({"approvals": [a.to_json() for a in approvals]})
+
+    @app.get("/v1/approvals/{approval_id}")
+    async def get_approval(request: Request, approval_id: str) -> Response:
+        """One approval, to its requester and to whoever may decide it."""
+        _, identity, approval = await _approval_for(request, approval_id)
+        mine = approval.requester.get("sub") == identity.sub
+        if not mine and not set(identity.groups) & set(approval.approver_groups):
+            raise NotFound("approval_not_found", "no such approval")
+        return render({"approval": approval.to_json()})
+
+    async def _decide(request: Request, approval_id: str, verdict: str) -> Response:
+        gateway, approver, approval = await _approval_for(request, approval_id)
+        assert gateway.approvals is not None
+        comment = None
+        raw = await request.body()
+        if raw:
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest("invalid_json", f"the body is not valid JSON: {exc}") from exc
+            if not isinstance(payload, dict) or set(payload) - {"comment"}:
+                raise Unprocessable("invalid_request", 'the body may only hold {"comment": …}')
+            comment = validate_comment(payload.get("comment"))
+        # Never the requester, whatever the policy says.
+        if (approval.requester.get("issuer"), approval.requester.get("sub")) == (
+            approver.issuer, approver.sub
+        ):
+            raise Forbidden("self_approval", "requesters cannot decide their own approvals")
+        allowed, reasons = await gateway.policy.approver_decide(
+            {
+                "identity": approver.to_input(),
+                "environment": settings.environment,
+                "approval": approval.to_policy_input(),
+                "verdict": verdict,
+            }
+        )
+        if not allowed:
+            raise Forbidden(
+                "approver_denied",
+                "; ".join(r.message for r in reasons) or "not an approver",
+                reasons=[r.to_json() for r in reasons],
+            )
+        decided = await gateway.approvals.decide(
+            approval, approver, "approved" if verdict == "approve" else "rejected", comment
+        )
+        _approval_event(gateway, decided, decided.status, approver.sub)
+        return render({"approval": decided.to_json()})
+
+    @app.post("/v1/approvals/{approval_id}/approve")
+    async def approve(request: Request, approval_id: str) -> Response:
+        """Approve a pending request (policy decides who may; never the requester)."""
+        return await _decide(request, approval_id, "approve")
+
+    @app.post("/v1/approvals/{approval_id}/reject")
+    async def reject(request: Request, approval_id: str) -> Response:
+        """Reject a pending request."""
+        return await _decide(request, approval_id, "reject")
 
     @app.post("/v1/explain")
     async def explain(request: Request) -> Response:
         """The facts and the decision for a statement; nothing is executed."""
-        _, identity, _, facts, decision, request_id = await evaluate(request)
-        _log_decision(identity, facts, decision, request_id, "explained")
+        ev = await evaluate(request)
+        identity, facts, decision = ev.identity, ev.facts, ev.decision
+        _log_decision(identity, facts, decision, ev.request_id, "explained")
         return render(
             {
                 "identity": identity.to_input(),
@@ -504,6 +667,8 @@ def create_app(settings: Settings) -> FastAPI:
                     "masked_predicates_allowed": list(decision.masked_predicates_allowed),
                     "require_approval": decision.require_approval,
                     "max_rows": decision.max_rows,
+                    "max_rows_affected": decision.max_rows_affected,
+                    "db_role": decision.db_role,
                 },
             }
         )

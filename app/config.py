@@ -227,6 +227,9 @@ class Settings(BaseSettings):
     mask_redact_token: str = "[REDACTED]"  # noqa: S105 - a placeholder shown, not a secret
     stream_batch_rows: int = Field(500, ge=1, le=100_000)
 
+    # Approvals: a Slack-compatible webhook told when one is requested and decided.
+    approval_webhook_url: str | None = None
+
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

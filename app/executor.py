@@ -145,7 +145,7 @@ class Executor:
 
     @contextlib.asynccontextmanager
     async def _prepared(
-        self, sql: str, facts: QueryFacts
+        self, sql: str, facts: QueryFacts, db_role: str | None
     ) -> AsyncIterator[tuple[asyncpg.Connection, Any, tuple[Column, ...]]]:
         """A connection in a transaction with ``sql`` prepared and cross-checked."""
         readonly = facts.kind == "select" and not facts.tables_write
@@ -154,6 +154,10 @@ class Executor:
                 async with conn.transaction(readonly=readonly):
                     # An integer from validated settings: nothing user-controlled is formatted.
                     await conn.execute(f"SET LOCAL statement_timeout = {self._timeout_ms}")
+                    if db_role is not None:
+                        # Least privilege in the database as well: the decision's role, for
+                        # this transaction only. The name was validated as a plain identifier.
+                        await conn.execute(f'SET LOCAL ROLE "{db_role}"')
                     statement = await conn.prepare(sql)
                     columns = tuple(
                         Column(attr.name, attr.type.name) for attr in statement.get_attributes()
@@ -174,22 +178,43 @@ class Executor:
         facts: QueryFacts,
         max_rows: int,
         planner: Planner,
+        db_role: str | None = None,
+        max_rows_affected: int | None = None,
     ) -> Result:
         """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back.
 
         ``planner`` sees the server's columns before anything executes and returns the
-        masking plan; it may refuse (raise), and then nothing has run.
+        masking plan; it may refuse (raise), and then nothing has run. A write that affects
+        more than ``max_rows_affected`` rows is rolled back.
         """
+        writes = facts.kind in ("insert", "update", "delete", "merge")
         try:
-            async with self._prepared(sql, facts) as (_, statement, columns):
+            async with self._prepared(sql, facts, db_role) as (_, statement, columns):
                 mask = planner(columns)
                 args = bind_params(params, statement.get_parameters())
-                if columns:
+                if columns and not writes:
                     cursor = await statement.cursor(*args)
                     rows = await cursor.fetch(max_rows + 1)
                 else:
+                    # A write runs to completion whatever is fetched; fetching it all gives
+                    # the status that says how many rows it touched.
                     rows = await statement.fetch(*args)
                 status = statement.get_statusmsg() or ""
+                affected = _affected(status, facts)
+                if (
+                    writes
+                    and max_rows_affected is not None
+                    and affected is not None
+                    and affected > max_rows_affected
+                ):
+                    # Raised inside the transaction: it rolls back.
+                    raise Forbidden(
+                        "blast_radius_exceeded",
+                        f"the statement affected {affected} rows, more than the "
+                        f"{max_rows_affected} allowed; it was rolled back",
+                        rows_affected=affected,
+                        max_rows_affected=max_rows_affected,
+                    )
         except GatewayError:
             raise
         except asyncpg.PostgresError as exc:
@@ -202,7 +227,7 @@ class Executor:
             rows=mask.apply_all(rows),
             truncated=truncated,
             status=status,
-            rows_affected=_affected(status, facts),
+            rows_affected=affected,
         )
 
     async def stream(
@@ -213,14 +238,20 @@ class Executor:
         max_rows: int | None,
         planner: Planner,
         batch_rows: int,
+        db_role: str | None = None,
+        max_rows_affected: int | None = None,
     ) -> AsyncIterator[Any]:
         """Yield the masking plan, then batches of masked rows, through a server-side cursor.
 
         Memory stays bounded by ``batch_rows``; the connection is held until the generator
         is exhausted or closed (a client that disconnects closes it).
         """
+        if facts.kind != "select":
+            # Writes are answered whole, where the blast radius can be checked before commit.
+            raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
+                                "application/x-ndjson Accept header for writes")
         try:
-            async with self._prepared(sql, facts) as (_, statement, columns):
+            async with self._prepared(sql, facts, db_role) as (_, statement, columns):
                 mask = planner(columns)
                 args = bind_params(params, statement.get_parameters())
                 yield mask

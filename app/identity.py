@@ -233,10 +233,18 @@ class JwksKeys:
                 if self._jwks_url is None:
                     self._jwks_url = await self._discover()
                 keys = _parse_jwks(await self._get_json(self._jwks_url), self._algorithms)
-        except (_FetchError, httpx.HTTPError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
-            if isinstance(exc, TimeoutError):
+        except Exception as exc:
+            # Broad on purpose: whatever went wrong, the answer is the same — keep the keys we
+            # have and refuse unknown ones — and the request path must never see a fetch error.
+            if isinstance(exc, _FetchError):
+                reason = str(exc)
+            elif isinstance(exc, TimeoutError):
                 reason = f"no answer within {self._settings.jwks_timeout_ms} ms"
+            elif isinstance(exc, httpx.HTTPError):
+                reason = type(exc).__name__
+            else:
+                log.exception("JWKS fetch for issuer %s failed unexpectedly", self._issuer)
+                reason = type(exc).__name__
             log.warning(
                 "JWKS fetch for issuer %s failed: %s; keeping %d cached keys",
                 self._issuer, reason, len(self._keys),

@@ -29,6 +29,7 @@ MASK_STRATEGIES = frozenset({"redact", "null", "partial", "email", "hash", "pan"
 # partial keeps the first/last N characters: "partial" (0, 4) or "partial:F:L".
 _PARTIAL = re.compile(r"^partial:\d{1,2}:\d{1,2}$")
 DERIVED_MASKS = frozenset({"redact", "null", "deny"})
+_ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class Decision:
     derived_mask: str = "redact"
     # Masked columns the policy lets the query filter, join, group or sort on.
     masked_predicates_allowed: tuple[str, ...] = ()
+    # A write affecting more rows than this is rolled back.
+    max_rows_affected: int | None = None
+    # The database role the statement runs under (SET LOCAL ROLE).
+    db_role: str | None = None
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
@@ -106,6 +111,16 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0
     ):
         raise _unavailable("malformed decision: max_rows must be null or a non-negative integer")
+    rows_affected = result.get("max_rows_affected")
+    if rows_affected is not None and (
+        not isinstance(rows_affected, int) or isinstance(rows_affected, bool) or rows_affected < 0
+    ):
+        raise _unavailable("malformed decision: max_rows_affected must be null or an integer >= 0")
+    db_role = result.get("db_role")
+    if db_role is not None and (not isinstance(db_role, str) or not _ROLE.match(db_role)):
+        raise _unavailable("malformed decision: db_role must be null or a plain role name")
+    if approval is not None:
+        _check_approval_request(approval)
     return Decision(
         id=decision_id,
         allow=allow,
@@ -115,7 +130,20 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         max_rows=max_rows,
         derived_mask=derived,
         masked_predicates_allowed=tuple(allowed_predicates),
+        max_rows_affected=rows_affected,
+        db_role=db_role,
     )
+
+
+def _check_approval_request(approval: dict[str, Any]) -> None:
+    groups = approval.get("approver_groups")
+    ttl = approval.get("ttl_s")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
+        raise _unavailable("malformed decision: require_approval.approver_groups must list groups")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= 7 * 86400:
+        raise _unavailable("malformed decision: require_approval.ttl_s must be 1..604800 seconds")
+    if not isinstance(approval.get("message", ""), str):
+        raise _unavailable("malformed decision: require_approval.message must be a string")
 
 
 class PolicyClient:
@@ -148,11 +176,32 @@ class PolicyClient:
 
     async def decide(self, input_: dict[str, Any]) -> Decision:
         """Evaluate the decision for ``input_``; fail closed on every kind of trouble."""
+        payload = await self._query(self._rule, input_)
+        decision_id = payload.get("decision_id")
+        if not isinstance(decision_id, str) or not decision_id:
+            decision_id = str(uuid.uuid4())
+        return parse_decision(payload.get("result"), decision_id)
+
+    async def approver_decide(self, input_: dict[str, Any]) -> tuple[bool, list[Reason]]:
+        """May this identity approve or reject this approval? (``approver_decision``)."""
+        payload = await self._query("approver_decision", input_)
+        result = payload.get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("allow"), bool):
+            raise _unavailable("the policy returned no approver decision")
+        reasons = result.get("reasons") or []
+        if not isinstance(reasons, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("rule"), str)
+            and isinstance(r.get("message"), str) for r in reasons
+        ):
+            raise _unavailable("malformed approver decision: reasons")
+        return result["allow"], [Reason(r["rule"], r["message"]) for r in reasons]
+
+    async def _query(self, rule: str, input_: dict[str, Any]) -> dict[str, Any]:
         client = await self._session()
         try:
             async with asyncio.timeout(self._timeout):
                 payload = await client.query_rule(
-                    input_data=input_, package_path=self._package, rule_name=self._rule
+                    input_data=input_, package_path=self._package, rule_name=rule
                 )
         except TimeoutError as exc:
             log.warning("OPA timed out after %.0f ms", self._timeout * 1000)
@@ -167,10 +216,7 @@ class PolicyClient:
             raise _unavailable("the policy engine answered with invalid JSON") from exc
         if not isinstance(payload, dict):
             raise _unavailable("the policy engine answered with a non-object")
-        decision_id = payload.get("decision_id")
-        if not isinstance(decision_id, str) or not decision_id:
-            decision_id = str(uuid.uuid4())
-        return parse_decision(payload.get("result"), decision_id)
+        return payload
 
     async def data(self, path: str) -> Any:
         """A document of the policy's data (e.g. querygate/config/classification), or None."""

@@ -96,6 +96,8 @@ class Gateway:
         config = uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=self.port,
             log_level="warning", lifespan="on", access_log=False,
+            # As `querygate serve`: the peer address is the TCP peer, never X-Forwarded-For.
+            proxy_headers=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -294,7 +296,9 @@ class IdentityProvider:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.issuer = issuer or self.url
         self.jwks_url = self.url + jwks_path
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         self.running = True
 
@@ -369,3 +373,39 @@ def make_idp() -> Iterator[Callable[..., IdentityProvider]]:
     yield make
     for provider in started:
         provider.stop()
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture(scope="session")
+def opa_with_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OpaProcess]]:
+    """Start a real OPA on a copy of rego/ whose data.json has these overrides merged in."""
+    import json
+    import shutil
+
+    started: list[OpaProcess] = []
+
+    def start(**overrides: Any) -> OpaProcess:
+        copy = tmp_path_factory.mktemp("rego") / "rego"
+        shutil.copytree(REPO / "rego", copy)
+        data_file = copy / "querygate" / "config" / "data.json"
+        data_file.write_text(json.dumps(_merge(json.loads(data_file.read_text()), overrides)))
+        process = start_opa([copy])
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_db(postgres: Postgres) -> Database:
+    """The demo database as the cluster's superuser (roles, grants)."""
+    return Database(postgres.admin_dsn.replace("/postgres?", "/appdb?"))

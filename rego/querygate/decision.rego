@@ -22,6 +22,8 @@ decision := {
 	"masked_predicates_allowed": masked_predicates_allowed,
 	"require_approval": require_approval,
 	"max_rows": max_rows,
+	"max_rows_affected": max_rows_affected,
+	"db_role": db_role,
 }
 
 default allow := false
@@ -44,8 +46,6 @@ reasons := sorted_reasons(deny) if count(deny) > 0
 sorted_reasons(rs) := [{"rule": p[0], "message": p[1]} |
 	some p in sort([[r.rule, r.message] | some r in rs])
 ]
-
-require_approval := null
 
 # A row limit only means something for a query that will run.
 default max_rows := null

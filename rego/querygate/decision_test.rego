@@ -64,6 +64,8 @@ test_alice_select_allowed if {
 		"masked_predicates_allowed": set(),
 		"require_approval": null,
 		"max_rows": null,
+		"max_rows_affected": null,
+		"db_role": null,
 	}
 }
 
@@ -133,12 +135,16 @@ test_alice_drop_in_staging_denied if {
 	{"rule": "ddl_forbidden_in_environment", "message": "DDL is never allowed in staging"} in d.reasons
 }
 
-test_dana_ddl_denied_in_staging_and_prod if {
-	every env in ["staging", "prod"] {
-		d := querygate.decision with input as req(dana, env, ddl("create"))
-		d.allow == false
-		d.reasons == [{"rule": "ddl_forbidden_in_environment", "message": sprintf("DDL is never allowed in %s", [env])}]
-	}
+test_dana_ddl_denied_in_staging if {
+	d := querygate.decision with input as req(dana, "staging", ddl("create"))
+	d.allow == false
+	d.reasons == [{"rule": "ddl_forbidden_in_environment", "message": "DDL is never allowed in staging"}]
+}
+
+test_dana_ddl_denied_in_prod_without_the_migration_identity if {
+	d := querygate.decision with input as req(dana, "prod", ddl("create"))
+	d.allow == false
+	d.reasons == [{"rule": "ddl_requires_migration_identity", "message": "DDL in prod is only for the migration identity"}]
 }
 
 # Worked example 2 in docs/decision-contract.md: a deny outweighs the write
@@ -148,12 +154,17 @@ test_dana_drop_with_write_targets_in_staging_denied if {
 	d := querygate.decision with input as req(dana, "staging", q)
 	d == {
 		"allow": false,
-		"reasons": [{"rule": "ddl_forbidden_in_environment", "message": "DDL is never allowed in staging"}],
+		"reasons": [
+			{"rule": "ddl_forbidden_in_environment", "message": "DDL is never allowed in staging"},
+			{"rule": "destructive_ddl", "message": "destructive DDL is never allowed in staging"},
+		],
 		"masks": {},
 		"derived_mask": "redact",
 		"masked_predicates_allowed": set(),
 		"require_approval": null,
 		"max_rows": null,
+		"max_rows_affected": 1000,
+		"db_role": null,
 	}
 }
 
@@ -255,7 +266,7 @@ test_decision_always_has_every_key if {
 		d := querygate.decision with input as inp
 		object.keys(d) == {
 			"allow", "reasons", "masks", "derived_mask", "masked_predicates_allowed",
-			"require_approval", "max_rows",
+			"require_approval", "max_rows", "max_rows_affected", "db_role",
 		}
 		is_boolean(d.allow)
 		is_object(d.masks)
