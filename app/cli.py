@@ -124,6 +124,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  curl -s {base}/v1/query -H \"Authorization: Bearer $TOKEN\" "
             "-H 'content-type: application/json' "
             "-d '{\"sql\": \"SELECT id, country FROM customers WHERE id < $1\", \"params\": [5]}'\n"
+            "Then try (docs/approvals.md, docs/masking.md):\n"
+            "  as alice: SELECT email, ssn, card_number FROM customers LIMIT 3   -> masked\n"
+            "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> masked_column_predicate\n"
+            "  as alice: DROP TABLE orders                                       -> destructive_ddl\n"
+            "  as dana:  DELETE FROM orders WHERE 1 = 1                          -> unbounded_write\n"
+            "  as dana:  UPDATE orders SET status = 'x' WHERE id < 2000         -> blast_radius_exceeded\n"
+            "  as dana:  UPDATE customers SET country = 'DE' WHERE id = 1        -> 202, approve as sec\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
