@@ -18,7 +18,8 @@ bounded_where if {
 	input.query.where_trivially_true == false
 }
 
-# DROP, TRUNCATE, ALTER … DROP and anything CASCADE destroy data beyond recovery.
+# DROP, TRUNCATE, ALTER … DROP, ALTER … TYPE (which rewrites every value) and anything
+# CASCADE destroy data beyond recovery.
 deny contains {"rule": "destructive_ddl", "message": msg} if {
 	is_ddl
 	destructive_ddl
@@ -30,7 +31,8 @@ destructive_ddl if input.query.ddl.operation in {"drop", "truncate"}
 
 destructive_ddl if {
 	input.query.ddl.operation == "alter"
-	"drop" in input.query.ddl.actions
+	some action in input.query.ddl.actions
+	action in {"drop", "alter_type"}
 }
 
 destructive_ddl if "cascade" in input.query.ddl.actions
@@ -102,6 +104,9 @@ db_role := roles[0] if {
 
 # Asked by the gateway when someone approves or rejects: input is the approver's identity,
 # the environment and the approval record (requester, tables, approver_groups, …).
+# METADATA
+# description: What the gateway asks when someone approves or rejects a request.
+# entrypoint: true
 approver_decision := {"allow": approver_allowed, "reasons": approver_reasons}
 
 default approver_allowed := false
