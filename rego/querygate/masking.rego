@@ -87,3 +87,20 @@ predicate_exempt(col) if {
 	masks[col] == "hash"
 	col in input.query.columns.join_equality
 }
+
+# A write must not launder a masked value into a column that is not protected the same
+# way: `INSERT INTO orders (status) SELECT ssn FROM customers` would make SSNs readable as
+# order statuses. Values may move between columns of the same class.
+deny contains {"rule": "masked_value_copied", "message": msg} if {
+	some target, sources in input.query.columns.write_sources
+	some src in sources
+	masks[src]
+	not same_class(target, src)
+	msg := sprintf("writing masked %s into %s is not allowed", [src, target])
+}
+
+same_class(a, b) if class_of(a) == class_of(b)
+
+class_of(col) := cfg.classification[col]
+
+class_of(col) := input.classification[col] if not has_data_class(col)

@@ -50,13 +50,14 @@ test_security_sees_hashes_of_everything_sensitive if {
 }
 
 test_only_columns_the_query_reads_are_listed if {
-	d := querygate.decision with input as masking_input(["analysts"], ["public.customers.id", "public.customers.email"], [], demo_classes)
+	columns := ["public.customers.id", "public.customers.email"]
+	d := querygate.decision with input as masking_input(["analysts"], columns, [], demo_classes)
 	d.masks == {"public.customers.email": "email"}
 }
 
 test_policy_data_can_reclassify_and_opt_out if {
 	d := querygate.decision with input as masking_input(["analysts"], demo_cols, [], demo_classes)
-		with data.querygate.config.classification as {
+		with querygate.config.classification as {
 			"public.customers.email": "public",
 			"public.customers.id": "secret.internal",
 		}
@@ -68,8 +69,9 @@ test_policy_data_can_reclassify_and_opt_out if {
 }
 
 test_unconfigured_classes_are_fully_masked if {
-	d := querygate.decision with input as masking_input(["analysts"], ["public.customers.email"], [], {"public.customers.email": "pii.email"})
-		with data.querygate.config as object.remove(data.querygate.config, ["masking"])
+	classes := {"public.customers.email": "pii.email"}
+	d := querygate.decision with input as masking_input(["analysts"], ["public.customers.email"], [], classes)
+		with querygate.config as object.remove(querygate.config, ["masking"])
 	d.masks == {"public.customers.email": "redact"}
 }
 
@@ -80,7 +82,7 @@ test_masked_predicates_are_not_exempt_by_default if {
 
 test_predicate_groups_exempt_masked_predicates if {
 	d := querygate.decision with input as masking_input(["analysts"], demo_cols, ["public.customers.ssn"], demo_classes)
-		with data.querygate.config.masking.predicate_groups as ["analysts"]
+		with querygate.config.masking.predicate_groups as ["analysts"]
 	d.masked_predicates_allowed == {"public.customers.ssn"}
 }
 
@@ -102,6 +104,39 @@ test_hash_probe_is_not_exempt if {
 
 test_derived_mask_comes_from_data if {
 	d := querygate.decision with input as masking_input(["analysts"], demo_cols, [], demo_classes)
-		with data.querygate.config.masking.derived as "deny"
+		with querygate.config.masking.derived as "deny"
 	d.derived_mask == "deny"
+}
+
+copy_input(groups, target, sources, classes) := {
+	"identity": {"sub": "dana", "groups": groups},
+	"environment": "staging",
+	"query": {
+		"kind": "update",
+		"tables": {"read": ["public.customers"], "write": ["public.customers"]},
+		"columns": {"read": sources, "predicate": ["public.customers.id"], "join_equality": [], "write": [target], "write_sources": {target: sources}},
+		"functions": [], "has_where": true, "where_trivially_true": false,
+	},
+	"classification": classes,
+}
+
+test_copying_a_masked_value_into_another_class_is_denied if {
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.email", ["public.customers.ssn"], demo_classes)
+	not d.allow
+	d.reasons == [{"rule": "masked_value_copied", "message": "writing masked public.customers.ssn into public.customers.email is not allowed"}]
+}
+
+test_copying_into_an_unclassified_column_is_denied if {
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.country", ["public.customers.ssn"], demo_classes)
+	not d.allow
+}
+
+test_copying_within_a_class_is_allowed if {
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.ssn", ["public.customers.ssn"], demo_classes)
+	d.allow
+}
+
+test_copying_what_the_caller_sees_in_the_clear_is_allowed if {
+	d := querygate.decision with input as copy_input(["dba", "pii_readers"], "public.customers.country", ["public.customers.email"], demo_classes)
+	d.allow
 }

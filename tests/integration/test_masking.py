@@ -286,3 +286,20 @@ def test_catalog_command_lists_classes_and_their_origin(make_gateway, keys, caps
     assert table["public.customers.country"] == ["-", "-"]
     denied = main(["catalog", "--url", gw.url, "--token", keys.token("alice", ["analysts"])])
     assert denied == 1
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE orders SET status = (SELECT ssn FROM customers WHERE customers.id = "
+        "orders.customer_id) WHERE id = 1",
+        "INSERT INTO orders (id, customer_id, amount_cents, status, created_at) "
+        "SELECT id + 100000, id, 0, card_number, now() FROM customers WHERE id = 1",
+    ],
+)
+def test_a_write_cannot_launder_a_masked_value(gateway, dana, db, sql):
+    before = db.fetch("SELECT * FROM orders WHERE id = 1 OR id > 100000")
+    response = gateway.query(sql, dana)
+    assert response.status_code == 403, response.text
+    assert "masked_value_copied" in {r["rule"] for r in response.json()["error"]["reasons"]}
+    assert db.fetch("SELECT * FROM orders WHERE id = 1 OR id > 100000") == before
