@@ -130,7 +130,10 @@ class Postgres:
         """Stop the server even if pgserver still counts a dead process as a user of it."""
         from pgserver.postgres_server import pg_ctl
 
-        self.server.cleanup()
+        # Ctrl-C in a terminal signals the whole process group, postgres included: the server
+        # may already be shutting down, and pgserver's own pg_ctl stop then fails.
+        with contextlib.suppress(subprocess.CalledProcessError, OSError):
+            self.server.cleanup()
         info = getattr(self.server, "_postmaster_info", None)
         pid_file = Path(self.server.pgdata) / "postmaster.pid"
         if info is not None and info.process.is_running() and pid_file.exists():
