@@ -9,6 +9,18 @@ OPA_VERSION ?= v1.22.0
 OPA         := bin/opa
 # Set OPA_BIN to reuse an opa binary you already have (must be $(OPA_VERSION)).
 OPA_BIN     ?=
+# Deployment and policy-author tools, built once into bin/ with the machine's Go.
+KUSTOMIZE_VERSION ?= v5.8.2
+KUSTOMIZE   := bin/kustomize
+# Regal's version is pinned in tools/regal/go.mod (v0.39.0).
+REGAL       := bin/regal
+POLICY_DIRS := rego/ deploy/policy/
+# `make policy-test` fails when `opa test --coverage` of a policy directory is lower.
+POLICY_COVERAGE_MIN ?= 90
+# `make bundle`: BUNDLE_SIGNING_KEY is a PEM private key (RS256); without one a dev key is
+# generated in $(BUNDLE_DIR) (gitignored). docs/policies.md says how production keys work.
+BUNDLE_DIR  ?= .querygate/bundle
+BUNDLE_SIGNING_KEY ?=
 
 .PHONY: help
 help: ## list targets
@@ -45,15 +57,85 @@ $(OPA):
 .PHONY: opa
 opa: $(OPA) ## obtain the pinned opa binary into bin/
 
+# Apache Kafka for the audit tests (a KRaft node run with the machine's Java 17+): the broker's
+# jars from Maven Central, version pinned in tools/kafka/pom.xml, cached per version in
+# .tools/kafka/<version>/libs so a second run is instant. The test fixture runs this too.
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tools/kafka/pom.xml)
+KAFKA_LIBS    := .tools/kafka/$(KAFKA_VERSION)/libs
+
+$(KAFKA_LIBS)/.complete: tools/kafka/pom.xml
+	@command -v mvn >/dev/null && command -v java >/dev/null || { echo "kafka: Maven (mvn) and Java 17+ are needed"; exit 1; }
+	@echo "kafka: copying Apache Kafka $(KAFKA_VERSION) and its dependencies from Maven Central into $(KAFKA_LIBS)"
+	@rm -rf $(KAFKA_LIBS)
+	mvn -q -B --no-transfer-progress -Dstyle.color=never -f tools/kafka/pom.xml dependency:copy-dependencies \
+	  -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
+	@touch $@
+
+.PHONY: kafka
+kafka: $(KAFKA_LIBS)/.complete ## obtain the pinned Apache Kafka broker (jars from Maven Central) into .tools/kafka/
+
+# The stamp names the version, so changing KUSTOMIZE_VERSION rebuilds and a second run is instant.
+bin/.kustomize-$(KUSTOMIZE_VERSION):
+	@mkdir -p bin
+	@command -v go >/dev/null || { echo "kustomize: Go is needed to build $(KUSTOMIZE_VERSION)"; exit 1; }
+	@echo "kustomize: building $(KUSTOMIZE_VERSION) with go install (a few minutes the first time)"
+	GOBIN=$(CURDIR)/bin GOFLAGS=-buildvcs=false go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	@rm -f bin/.kustomize-*; touch $@
+
+$(KUSTOMIZE): bin/.kustomize-$(KUSTOMIZE_VERSION)
+
+.PHONY: kustomize
+kustomize: $(KUSTOMIZE) ## obtain the pinned kustomize into bin/
+
+$(REGAL): tools/regal/go.mod tools/regal/go.sum
+	@mkdir -p bin
+	@command -v go >/dev/null || { echo "regal: Go is needed to build it"; exit 1; }
+	@echo "regal: building the version pinned in tools/regal/go.mod (a few minutes the first time)"
+	cd tools/regal && GOFLAGS=-buildvcs=false go build -o $(CURDIR)/$@ \
+	  -ldflags "-X github.com/open-policy-agent/regal/pkg/version.Version=$$(go list -m -f '{{.Version}}' github.com/open-policy-agent/regal)" \
+	  github.com/open-policy-agent/regal
+	@$@ version | head -1
+
+.PHONY: regal
+regal: $(REGAL) ## obtain the pinned Regal (Rego linter) into bin/
+
 .PHONY: run
 run: venv $(OPA) ## start PostgreSQL (embedded, demo data), OPA and the gateway on 127.0.0.1:8080
 	$(VENV)/bin/querygate dev --opa-bin $(OPA)
 
 .PHONY: policy-test
-policy-test: $(OPA) ## opa fmt, opa check --strict, opa test
-	$(OPA) fmt --list --fail rego/
-	$(OPA) check --strict rego/
-	$(OPA) test rego/ -v
+policy-test: $(OPA) $(REGAL) ## opa fmt, opa check --strict, opa test (coverage ≥ POLICY_COVERAGE_MIN%), regal lint
+	$(OPA) fmt --list --fail $(POLICY_DIRS)
+	$(OPA) check --strict $(POLICY_DIRS)
+	$(OPA) test $(POLICY_DIRS) -v
+	@mkdir -p .querygate
+	@set -e; for dir in $(POLICY_DIRS); do \
+	  $(OPA) test "$$dir" --coverage --threshold $(POLICY_COVERAGE_MIN) > .querygate/coverage.json; \
+	  $(PYTHON) -c 'import json,sys; print("coverage %s: %.1f%% (minimum %s%%)" % (sys.argv[1], json.load(open(sys.argv[2]))["coverage"], sys.argv[3]))' "$$dir" .querygate/coverage.json $(POLICY_COVERAGE_MIN); \
+	done
+	$(REGAL) lint $(POLICY_DIRS)
+
+.PHONY: bundle
+bundle: $(OPA) ## signed policy bundle of rego/ in $(BUNDLE_DIR) (BUNDLE_SIGNING_KEY=key.pem, else a dev key)
+	@set -euo pipefail; mkdir -p $(BUNDLE_DIR); \
+	key="$(BUNDLE_SIGNING_KEY)"; \
+	if [ -z "$$key" ]; then \
+	  key=$(BUNDLE_DIR)/dev-signing-key.pem; \
+	  if [ ! -f "$$key" ]; then \
+	    (umask 077; openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out "$$key" 2>/dev/null); \
+	  fi; \
+	  echo "bundle: signing with the DEV key $$key — never ship it to production"; \
+	fi; \
+	openssl pkey -in "$$key" -pubout -out $(BUNDLE_DIR)/verification-key.pem; \
+	rev=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	if [ -n "$$(git status --porcelain -- rego/ 2>/dev/null)" ]; then rev="$$rev-dirty"; fi; \
+	$(OPA) build --bundle rego/ --ignore '*_test.rego' --revision "$$rev" \
+	  --signing-key "$$key" --signing-alg RS256 -o $(BUNDLE_DIR)/querygate.tar.gz; \
+	echo "bundle: $(BUNDLE_DIR)/querygate.tar.gz (revision $$rev), verify with $(BUNDLE_DIR)/verification-key.pem"
+
+.PHONY: manifests
+manifests: venv $(OPA) $(KUSTOMIZE) ## render every kustomize layout, validate it offline, check it with deploy/policy/
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest tests/deploy -q
 
 .PHONY: lint
 lint: venv ## ruff and mypy
@@ -61,8 +143,8 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) lint policy-test ## install what is needed, lint, and run every test
-	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(VENV)/bin/pytest
+test: venv $(OPA) $(KUSTOMIZE) kafka lint policy-test ## install what is needed, lint, and run every test (manifests included)
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
 
 .PHONY: bench
 bench: venv $(OPA) ## facts (cold/cached), OPA round trip, 1M-row masked NDJSON stream

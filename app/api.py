@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import masking
 from app.approvals import Approval, ApprovalStore, Notifier, validate_comment
+from app.audit import AuditLog, RequestAudit
 from app.catalog import Catalog, introspect
 from app.config import ConfigError, Settings
 from app.errors import (
@@ -39,16 +40,17 @@ from app.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthenticated,
     Unavailable,
     Unprocessable,
 )
 from app.executor import Executor, Result
 from app.facts import FactsExtractor, QueryFacts
 from app.identity import Authenticator, Identity
+from app.metrics import CONTENT_TYPE_LATEST, REQUEST_ID, Metrics, MetricsMiddleware, StageClock
 from app.policy import Decision, PolicyClient
 
 log = logging.getLogger("querygate.api")
-decisions_log = logging.getLogger("querygate.decisions")
 
 
 class QueryRequest(BaseModel):
@@ -98,6 +100,8 @@ class Gateway:
     catalog: Catalog | None = None
     executor: Executor | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    audit: AuditLog | None = None
 
     async def connect(self) -> None:
         """Open the pool and read the catalog; failures leave the gateway not ready."""
@@ -139,8 +143,16 @@ class Gateway:
         """Re-read the catalog; the version (and so the facts cache key) moves on change."""
         if self.pool is None:
             raise Unavailable("database_unavailable", "the database is not connected")
+        before = self.catalog
         async with self.pool.acquire() as conn:
             self.catalog = await introspect(conn, tuple(self.settings.schemas), self.catalog)
+        if before is not None and self.catalog.version != before.version and self.audit:
+            # A schema change seen by the gateway, whoever made it.
+            with contextlib.suppress(Unavailable):
+                await self.audit.record(self.audit.event("catalog_changed", catalog={
+                    "version_before": before.version, "version_after": self.catalog.version,
+                    "relations": sum(len(t) for t in self.catalog.relations.values()),
+                }), gate=False)
         return self.catalog
 
     async def maintain(self) -> None:
@@ -170,6 +182,9 @@ class Gateway:
         await self.authenticator.close()
         if self.pool is not None:
             await self.pool.close()
+        if self.audit is not None:
+            # Last: whatever the shutdown recorded is flushed and, if the sink answers, shipped.
+            await self.audit.close()
 
 
 class RequestIdMiddleware:
@@ -195,20 +210,56 @@ class RequestIdMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        # Every log line written while serving this request carries its id.
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "") or str(uuid.uuid4())
 
 
-async def _require_admin(request: Request, gateway: Gateway) -> Identity:
-    """The verified caller, who must be in an admin group."""
-    identity = await gateway.authenticator.authenticate(
-        request.headers, request.client.host if request.client else None
+def _audit(request: Request) -> RequestAudit:
+    """This request's audit context (the audit log is the lifespan's)."""
+    gateway = _gateway(request)
+    assert gateway.audit is not None
+    return RequestAudit(
+        log=gateway.audit,
+        request_id=_request_id(request),
+        source_ip=request.client.host if request.client else None,
+        method=request.method,
+        path=request.url.path,
+        state=request.state,
+        clock=StageClock(gateway.metrics),
     )
+
+
+async def _authenticate(request: Request, gateway: Gateway, audit: RequestAudit) -> Identity:
+    """The verified caller; a refusal is audited before the 401 goes out."""
+    try:
+        with audit.clock.timer("auth"):
+            identity = await gateway.authenticator.authenticate(
+                request.headers, request.client.host if request.client else None
+            )
+    except Unauthenticated as exc:
+        await audit.auth_failed(exc)
+        raise
+    audit.identity = identity
+    return identity
+
+
+async def _require_admin(
+    request: Request, gateway: Gateway, audit: RequestAudit, action: str
+) -> Identity:
+    """The verified caller, who must be in an admin group (a refusal is audited)."""
+    identity = await _authenticate(request, gateway, audit)
     if not set(identity.groups) & set(gateway.settings.admin_groups):
-        raise Forbidden("admin_required", "this endpoint needs an admin group")
+        error = Forbidden("admin_required", "this endpoint needs an admin group")
+        await audit.admin(action, "refused", code=error.code)
+        raise error
     return identity
 
 
@@ -283,7 +334,9 @@ def build_input(
         "query": facts.to_input(),
         # Classes the catalog gave columns by their names; policy data may override them.
         "classification": {
-            col: catalog.classes[col] for col in facts.columns_read if col in catalog.classes
+            col: catalog.classes[col]
+            for col in (*facts.columns_read, *facts.columns_write)
+            if col in catalog.classes
         },
         "approval": approval.to_policy_input() if approval else None,
     }
@@ -302,18 +355,19 @@ class Evaluation:
     approval: Approval | None
 
 
-async def evaluate(request: Request) -> Evaluation:
-    """Who, what, decide — nothing executed."""
+async def evaluate(request: Request, audit: RequestAudit) -> Evaluation:
+    """Who, what, decide — nothing executed; what is learnt is kept in ``audit``."""
     gateway = _gateway(request)
     request_id = _request_id(request)
-    identity = await gateway.authenticator.authenticate(
-        request.headers, request.client.host if request.client else None
-    )
+    identity = await _authenticate(request, gateway, audit)
     body = await read_query(request, gateway.settings)
+    audit.sql = body.sql
     catalog = gateway.catalog
     if catalog is None or gateway.approvals is None:
         raise Unavailable("database_unavailable", "the catalog has not been read yet")
-    facts = gateway.extractor.extract(body.sql, catalog)
+    with audit.clock.timer("facts"):
+        facts = gateway.extractor.extract(body.sql, catalog)
+    audit.facts = facts
     if len(body.params) != facts.param_count:
         raise Unprocessable(
             "invalid_parameters",
@@ -325,37 +379,24 @@ async def evaluate(request: Request) -> Evaluation:
         approval = await gateway.approvals.verify(
             body.approval_id, identity, gateway.settings.environment, body.sql, body.params
         )
-    decision = await gateway.policy.decide(
-        build_input(gateway, identity, facts, catalog, request, request_id, approval)
-    )
+    try:
+        with audit.clock.timer("policy"):
+            decision = await gateway.policy.decide(
+                build_input(gateway, identity, facts, catalog, request, request_id, approval)
+            )
+    except Unavailable:
+        gateway.metrics.opa_errors.inc()
+        raise
+    audit.decision = decision
     return Evaluation(gateway, identity, body, facts, decision, request_id, approval)
 
 
-def _log_decision(
-    identity: Identity, facts: QueryFacts, decision: Decision, request_id: str, outcome: str
+async def _approval_event(
+    gateway: Gateway, audit: RequestAudit, approval: Approval, event: str, actor: str,
+    gate: bool = False,
 ) -> None:
-    # A structured line per decision until the audit stream lands; never values or params.
-    decisions_log.info(
-        "decision",
-        extra={
-            "request_id": request_id,
-            "decision_id": decision.id,
-            "sub": identity.sub,
-            "allow": decision.allow,
-            "outcome": outcome,
-            "fingerprint": facts.fingerprint,
-            "rules": [r.rule for r in decision.reasons],
-        },
-    )
-
-
-def _approval_event(gateway: Gateway, approval: Approval, event: str, actor: str) -> None:
-    """Log (and, with a webhook, announce) an approval lifecycle step; never parameter values."""
-    decisions_log.info(
-        "approval %s", event,
-        extra={"approval_id": approval.id, "event": event, "actor": actor,
-               "requester": approval.requester.get("sub"), "fingerprint": approval.fingerprint},
-    )
+    """Audit (and, with a webhook, announce) an approval lifecycle step; never parameter values."""
+    await audit.approval(event, approval, gate=gate, comment=approval.comment)
     if event in ("requested", "approved", "rejected"):
         gateway.notifier.notify(
             f"querygate approval {approval.id} {event} by {actor}: "
@@ -364,20 +405,16 @@ def _approval_event(gateway: Gateway, approval: Approval, event: str, actor: str
         )
 
 
-def _enforce(decision: Decision, facts: QueryFacts, identity: Identity, request_id: str) -> None:
+def _enforce(decision: Decision, facts: QueryFacts) -> None:
+    # The caller audits the refusal (RequestAudit.refused) before it is answered.
     if not decision.allow:
-        _log_decision(identity, facts, decision, request_id, "denied")
         raise Forbidden(
             "policy_denied",
             "; ".join(r.message for r in decision.reasons) or "denied by policy",
             reasons=decision.reasons_json(),
             decision_id=decision.id,
         )
-    try:
-        masking.check_predicates(facts, decision)
-    except Forbidden:
-        _log_decision(identity, facts, decision, request_id, "denied_masked_predicate")
-        raise
+    masking.check_predicates(facts, decision)
 
 
 def _decision_body(decision: Decision, plan: masking.MaskPlan) -> dict[str, Any]:
@@ -403,11 +440,34 @@ def _wants_ndjson(request: Request) -> bool:
     return NDJSON in request.headers.get("accept", "")
 
 
+@dataclass(frozen=True, slots=True)
+class _TimedPlan(masking.MaskPlan):
+    """A masking plan that adds the time it spends masking to the request's stage clock."""
+
+    clock: StageClock | None = None
+
+    def apply_all(self, rows: Any) -> list[list[Any]]:
+        started = time.perf_counter()
+        try:
+            return masking.MaskPlan.apply_all(self, rows)
+        finally:
+            if self.clock is not None:
+                self.clock.add("masking", time.perf_counter() - started)
+
+
+def _database_time(clock: StageClock, started: float) -> None:
+    """The executor's time less the masking done inside it."""
+    total = time.perf_counter() - started
+    clock.add("database", max(0.0, total - clock.durations_us.get("masking", 0) / 1_000_000))
+
+
 async def _ndjson(
     first: masking.MaskPlan,
     batches: AsyncIterator[Any],
     decision: Decision,
     request_id: str,
+    audit: RequestAudit,
+    started: float,
 ) -> AsyncIterator[bytes]:
     """Header line, one JSON array per row, then a summary (or error) line."""
     rows = 0
@@ -424,11 +484,23 @@ async def _ndjson(
             yield b"".join(
                 orjson.dumps(row, default=_json_default) + b"\n" for row in batch
             )
+        _database_time(audit.clock, started)
+        try:
+            await audit.executed(outcome="ok", rows_returned=rows, streamed=True,
+                                 masked=first.masked)
+        except GatewayError:
+            log.error("the outcome of request %s could not be audited", request_id)
         yield orjson.dumps({"row_count": rows, "complete": True}) + b"\n"
     except GatewayError as exc:
+        if not audit.execution_recorded:
+            with contextlib.suppress(GatewayError):
+                await audit.executed(outcome="error", code=exc.code, rows_returned=rows,
+                                     streamed=True, masked=first.masked)
         # Headers are gone: the error becomes the last line, and the stream says it is cut.
         yield orjson.dumps({**exc.body(request_id), "row_count": rows, "complete": False}) + b"\n"
     finally:
+        # A client that went away: the outcome is queued without waiting (it cannot await).
+        audit.aborted(rows_returned=rows, streamed=True)
         await batches.aclose()  # type: ignore[attr-defined]
 
 
@@ -442,6 +514,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Only outside prod (require_serving checked): hashes are stable for this process only.
         log.warning("QUERYGATE_MASK_HMAC_KEY is not set: hash masks change on restart")
         mask_key = secrets.token_bytes(32)
+    gateway_metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -453,7 +526,13 @@ def create_app(settings: Settings) -> FastAPI:
             policy=PolicyClient(
                 settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
             ),
+            metrics=gateway_metrics,
         )
+        # First: nothing is served that could not be audited. A spool that cannot be opened
+        # (locked by another process, unwritable) stops start-up.
+        audit = AuditLog(settings, gateway_metrics)
+        await audit.start()
+        gateway.audit = audit
         # The first JWKS fetch (bounded by QUERYGATE_JWKS_TIMEOUT_MS) happens before serving.
         await authenticator.start()
         gateway.notifier = Notifier(settings.approval_webhook_url)
@@ -479,15 +558,18 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.add_middleware(MetricsMiddleware, metrics=gateway_metrics)  # type: ignore[arg-type]
     app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        request.state.error_code = exc.code
         return render(exc.body(_request_id(request)), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         error = Unprocessable("invalid_request", "the request does not match the schema")
+        request.state.error_code = error.code
         return render(error.body(_request_id(request)), error.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -500,22 +582,36 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             error = Internal("http_error", str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]
+        request.state.error_code = error.code
         return render(error.body(_request_id(request)), error.status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error (request %s)", _request_id(request))
         error = Internal("internal_error", "an unexpected error occurred; it has been logged")
+        request.state.error_code = error.code
         return render(error.body(_request_id(request)), error.status)
 
     @app.post("/v1/query")
     async def query(request: Request) -> Response:
-        """Decide and, if allowed, run the statement."""
-        ev = await evaluate(request)
+        """Decide and, if allowed, run the statement; each step is audited before it shows."""
+        audit = _audit(request)
+        try:
+            return await _query(request, audit)
+        except asyncio.CancelledError:
+            audit.aborted()
+            raise
+        except Exception as exc:
+            # A refusal is answered only once it is on record (or it becomes a 503).
+            await audit.refused(exc)
+            raise
+
+    async def _query(request: Request, audit: RequestAudit) -> Response:
+        ev = await evaluate(request, audit)
         gateway, identity, body, facts, decision = (
             ev.gateway, ev.identity, ev.body, ev.facts, ev.decision
         )
-        _enforce(decision, facts, identity, ev.request_id)
+        _enforce(decision, facts)
         assert gateway.executor is not None and gateway.approvals is not None
         if decision.require_approval is not None:
             if ev.approval is not None:
@@ -524,28 +620,35 @@ def create_app(settings: Settings) -> FastAPI:
                     "the policy still requires an approval for this request",
                     decision_id=decision.id,
                 )
+            # On record before the approval exists: a spool that cannot take it creates nothing.
+            await audit.decided("approval_required", gate=True)
             approval = await gateway.approvals.create(
                 identity, settings.environment, body.sql, list(body.params), facts.fingerprint,
                 decision.require_approval, decision.id,
             )
-            _approval_event(gateway, approval, "requested", identity.sub)
+            await _approval_event(gateway, audit, approval, "requested", identity.sub, gate=True)
             return render(
                 {"approval": approval.to_json(), "decision_id": decision.id}, status=202
             )
+        # Durable before anything runs: when the spool cannot take it, nothing runs.
+        await audit.decided("allow", gate=True)
         if ev.approval is not None:
             # After policy said yes with the approval in its input, and before anything runs:
             # the one conditional UPDATE that makes an approval single-use.
             await gateway.approvals.claim(ev.approval, list(body.params))
-            _approval_event(gateway, ev.approval, "used", identity.sub)
+            await _approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
         plans: list[masking.MaskPlan] = []
 
         def planner(columns: tuple[Any, ...]) -> masking.MaskPlan:
-            plan = masking.plan(
-                facts, decision, columns, gateway.mask_key, settings.mask_redact_token
-            )
-            plans.append(plan)
-            return plan
+            with audit.clock.timer("masking"):
+                plan = masking.plan(
+                    facts, decision, columns, gateway.mask_key, settings.mask_redact_token
+                )
+            timed = _TimedPlan(plan.maskers, plan.columns, plan.masked, audit.clock)
+            plans.append(timed)
+            return timed
 
+        started = time.perf_counter()
         if _wants_ndjson(request):
             # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
             # bound); the policy's own max_rows still holds.
@@ -554,27 +657,35 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.stream_batch_rows, db_role=decision.db_role,
             )
             first = await anext(batches)  # errors before the first row are plain errors
-            _log_decision(identity, facts, decision, ev.request_id, "streamed")
             return StreamingResponse(
-                _ndjson(first, batches, decision, ev.request_id), media_type=NDJSON
+                _ndjson(first, batches, decision, ev.request_id, audit, started),
+                media_type=NDJSON,
             )
         limit = settings.max_rows if decision.max_rows is None else min(
             settings.max_rows, decision.max_rows
         )
-        started = time.perf_counter()
-        result = await gateway.executor.run(
-            body.sql, body.params, facts, limit, planner,
-            db_role=decision.db_role, max_rows_affected=decision.max_rows_affected,
-        )
-        _log_decision(identity, facts, decision, ev.request_id, "executed")
-        log.debug("executed in %.2f ms", (time.perf_counter() - started) * 1000)
+        try:
+            result = await gateway.executor.run(
+                body.sql, body.params, facts, limit, planner,
+                db_role=decision.db_role, max_rows_affected=decision.max_rows_affected,
+            )
+        finally:
+            _database_time(audit.clock, started)
+        try:
+            await audit.executed(
+                outcome="ok", rows_returned=len(result.rows), rows_affected=result.rows_affected,
+                truncated=result.truncated, masked=plans[0].masked,
+            )
+        except GatewayError:
+            # The statement ran (its allow decision is on record): answer it all the same.
+            log.error("the outcome of request %s could not be audited", ev.request_id)
         return render(_result_body(result, decision, plans[0]))
 
-    async def _approval_for(request: Request, approval_id: str) -> tuple[Gateway, Identity, Approval]:
+    async def _approval_for(
+        request: Request, approval_id: str, audit: RequestAudit
+    ) -> tuple[Gateway, Identity, Approval]:
         gateway = _gateway(request)
-        identity = await gateway.authenticator.authenticate(
-            request.headers, request.client.host if request.client else None
-        )
+        identity = await _authenticate(request, gateway, audit)
         if gateway.approvals is None:
             raise Unavailable("database_unavailable", "the database is not connected")
         return gateway, identity, await gateway.approvals.get(approval_id)
@@ -583,9 +694,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_approvals(request: Request, status: str | None = None) -> Response:
         """Your own requests and those awaiting one of your groups."""
         gateway = _gateway(request)
-        identity = await gateway.authenticator.authenticate(
-            request.headers, request.client.host if request.client else None
-        )
+        identity = await _authenticate(request, gateway, _audit(request))
         if gateway.approvals is None:
             raise Unavailable("database_unavailable", "the database is not connected")
         approvals = await gateway.approvals.visible_to(identity, status)
@@ -594,14 +703,27 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/approvals/{approval_id}")
     async def get_approval(request: Request, approval_id: str) -> Response:
         """One approval, to its requester and to whoever may decide it."""
-        _, identity, approval = await _approval_for(request, approval_id)
+        _, identity, approval = await _approval_for(request, approval_id, _audit(request))
         mine = approval.requester.get("sub") == identity.sub
         if not mine and not set(identity.groups) & set(approval.approver_groups):
             raise NotFound("approval_not_found", "no such approval")
         return render({"approval": approval.to_json()})
 
     async def _decide(request: Request, approval_id: str, verdict: str) -> Response:
-        gateway, approver, approval = await _approval_for(request, approval_id)
+        audit = _audit(request)
+        gateway, approver, approval = await _approval_for(request, approval_id, audit)
+        try:
+            return await _decide_approval(request, gateway, audit, approver, approval, verdict)
+        except GatewayError as exc:
+            if exc.code != "audit_unavailable":
+                # A refused approval or rejection is a lifecycle step too.
+                await audit.approval(f"{verdict}_refused", approval, code=exc.code)
+            raise
+
+    async def _decide_approval(
+        request: Request, gateway: Gateway, audit: RequestAudit, approver: Identity,
+        approval: Approval, verdict: str,
+    ) -> Response:
         assert gateway.approvals is not None
         comment = None
         raw = await request.body()
@@ -635,7 +757,7 @@ def create_app(settings: Settings) -> FastAPI:
         decided = await gateway.approvals.decide(
             approval, approver, "approved" if verdict == "approve" else "rejected", comment
         )
-        _approval_event(gateway, decided, decided.status, approver.sub)
+        await _approval_event(gateway, audit, decided, decided.status, approver.sub)
         return render({"approval": decided.to_json()})
 
     @app.post("/v1/approvals/{approval_id}/approve")
@@ -651,9 +773,19 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/explain")
     async def explain(request: Request) -> Response:
         """The facts and the decision for a statement; nothing is executed."""
-        ev = await evaluate(request)
+        audit = _audit(request)
+        audit.explain = True
+        try:
+            ev = await evaluate(request, audit)
+        except Exception as exc:
+            await audit.refused(exc)
+            raise
         identity, facts, decision = ev.identity, ev.facts, ev.decision
-        _log_decision(identity, facts, decision, ev.request_id, "explained")
+        await audit.decided(
+            "deny" if not decision.allow
+            else "approval_required" if decision.require_approval is not None else "allow",
+            gate=False,
+        )
         return render(
             {
                 "identity": identity.to_input(),
@@ -677,10 +809,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def refresh_catalog(request: Request) -> Response:
         """Re-read the catalog now (admin groups only); cached facts go stale with it."""
         gateway = _gateway(request)
-        identity = await _require_admin(request, gateway)
+        audit = _audit(request)
+        identity = await _require_admin(request, gateway, audit, "catalog_refresh")
         before = gateway.catalog.version if gateway.catalog else 0
         catalog = await gateway.refresh_catalog()
         log.info("catalog refreshed by %s: version %s -> %s", identity.sub, before, catalog.version)
+        await audit.admin("catalog_refresh", "ok", {
+            "version_before": before, "version_after": catalog.version,
+        })
         return render(
             {
                 "version": catalog.version,
@@ -693,10 +829,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def catalog_listing(request: Request) -> Response:
         """Every visible column with its class and where the class came from (admin only)."""
         gateway = _gateway(request)
-        await _require_admin(request, gateway)
+        audit = _audit(request)
+        await _require_admin(request, gateway, audit, "catalog_read")
         catalog = gateway.catalog
         if catalog is None:
             raise Unavailable("database_unavailable", "the catalog has not been read yet")
+        await audit.admin("catalog_read", "ok", {"version": catalog.version})
         configured = await gateway.policy.data("querygate/config/classification")
         overrides = configured if isinstance(configured, dict) else {}
         columns = []
@@ -738,10 +876,21 @@ def create_app(settings: Settings) -> FastAPI:
                 checks["database"] = "ok"
             except Exception as exc:
                 checks["database"] = f"unreachable: {type(exc).__name__}"
-        ready = ok and db_ok
+        # The spool must accept events; a sink outage alone only grows the spool.
+        audit_ok, checks["audit"] = (
+            gateway.audit.ready() if gateway.audit else (False, "audit log not started")
+        )
+        ready = ok and db_ok and audit_ok
         if not ready:
             error = Unavailable("not_ready", "the gateway is not ready", checks=checks)
             return render(error.body(_request_id(request)), error.status)
         return render({"status": "ready", "checks": checks})
+
+    if settings.metrics_enabled:
+
+        @app.get("/metrics")
+        async def metrics(request: Request) -> Response:
+            """Prometheus text exposition (docs/audit.md lists the series)."""
+            return Response(gateway_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -19,13 +19,17 @@ log = logging.getLogger("querygate")
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
-    )
-    # Per-request client chatter and pgserver's start-up transcript drown the useful lines.
-    for noisy in ("httpx", "httpcore", "pgserver"):
+    from app.metrics import JsonFormatter
+
+    # One JSON object per line on stderr, with the request id of the request being served.
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Per-request client chatter and pgserver's start-up transcript drown the useful lines;
+    # aiokafka retries on its own and the audit shipper reports what matters.
+    for noisy in ("httpx", "httpcore", "pgserver", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -43,6 +47,8 @@ def _serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's own lines go through the root JSON handler (_configure_logging).
+        log_config=None,
         access_log=False,
         loop="uvloop",
         http="httptools",
@@ -68,6 +74,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_destination(settings: Settings) -> str:
+    if settings.audit_sink == "kafka":
+        return f"Kafka {settings.audit_kafka_bootstrap} topic {settings.audit_kafka_topic}"
+    if settings.audit_sink == "stdout":
+        return "stdout"
+    spool = settings.audit_spool_dir
+    return str(settings.audit_file or (spool / "audit.jsonl" if spool else "a temporary file"))
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Start embedded PostgreSQL with demo data, OPA with rego/, and the gateway; Ctrl-C stops all."""
     from app.demo import DEMO_IDENTITIES
@@ -82,6 +97,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # The demo's security officer administers the gateway (catalog refresh).
     os.environ.setdefault("QUERYGATE_ADMIN_GROUPS", "security")
     data_dir = Path(args.data_dir).resolve()
+    # The audit trail of make run: spooled and shipped to <data dir>/audit/audit.jsonl
+    # (`querygate audit verify .querygate/audit/audit.jsonl` checks it). No Kafka needed.
+    os.environ.setdefault("QUERYGATE_AUDIT_SPOOL_DIR", str(data_dir / "audit"))
     # A stable hash-masking key for the demo, so hashes survive a restart of make run.
     mask_key_file = data_dir / "dev" / "mask-key"
     if not mask_key_file.exists():
@@ -114,6 +132,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print(  # noqa: T201
             f"\nquerygate is starting on {base} (environment {settings.environment}, dev mode)\n"
             f"OPA: {opa.url}   PostgreSQL: {postgres.app_dsn}\n"
+            f"Audit trail: {_audit_destination(settings)}   metrics: {base}/metrics\n"
             f"Demo tokens (also in {token_file}):\n"
             + "".join(
                 f"  {sub:<6} {','.join(DEMO_IDENTITIES[sub]):<12} {tok[:24]}…\n"
@@ -177,6 +196,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Ask a running gateway what it sees and decides for a statement."""
+    if args.policy_dir is not None:
+        return _explain_policy_dir(args)
     token = _token(args)
     if token is None:
         return 2
@@ -188,6 +209,119 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     print(json.dumps(response.json(), indent=2))  # noqa: T201
     return 0 if response.status_code == 200 else 1
+
+
+def _explain_policy_dir(args: argparse.Namespace) -> int:
+    """What the policy in --policy-dir decides, with no gateway and no OPA server.
+
+    The facts come from the gateway's own extractor against a real catalog: the database of
+    QUERYGATE_DATABASE_URL when set, else the demo schema in a throwaway embedded PostgreSQL.
+    The input is the gateway's (app.api.build_input); `opa eval` decides; the gateway's
+    validator judges the answer, so a malformed decision shows as it would in production.
+    """
+    import asyncio
+    import subprocess
+    import tempfile
+    import uuid
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import asyncpg
+
+    from app.api import build_input
+    from app.catalog import introspect
+    from app.demo import DEMO_IDENTITIES
+    from app.devstack import find_opa, start_postgres
+    from app.errors import GatewayError
+    from app.facts import FactsExtractor
+    from app.identity import Identity
+    from app.masking import check_predicates
+    from app.policy import parse_decision
+
+    policy_dir = Path(args.policy_dir)
+    if not policy_dir.is_dir():
+        print(f"querygate: --policy-dir {policy_dir} is not a directory", file=sys.stderr)  # noqa: T201
+        return 2
+    groups = [g for part in args.groups for g in part.split(",") if g]
+    if not groups:
+        if args.as_ not in DEMO_IDENTITIES:
+            print(f"querygate: {args.as_!r} is not a demo identity; pass --groups", file=sys.stderr)  # noqa: T201
+            return 2
+        groups = DEMO_IDENTITIES[args.as_]
+    overrides: dict[str, Any] = {}
+    if args.environment is not None:
+        overrides["environment"] = args.environment
+    settings = load_settings(**overrides)
+
+    async def read_catalog(dsn: str) -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await introspect(conn, tuple(settings.schemas), None)
+        finally:
+            await conn.close()
+
+    if settings.database_url is not None:
+        catalog_source = "database (QUERYGATE_DATABASE_URL)"
+        catalog = asyncio.run(read_catalog(settings.database_url.get_secret_value()))
+    else:
+        catalog_source = "demo schema (throwaway embedded PostgreSQL)"
+        with tempfile.TemporaryDirectory(prefix="querygate-explain-") as tmp:
+            postgres = start_postgres(Path(tmp) / "pg")
+            try:
+                catalog = asyncio.run(read_catalog(postgres.app_dsn))
+            finally:
+                postgres.stop()
+
+    identity = Identity(sub=args.as_, groups=tuple(groups), issuer="querygate-explain")
+    report: dict[str, Any] = {
+        "policy_dir": str(policy_dir),
+        "catalog": catalog_source,
+        "identity": identity.to_input(),
+        "environment": settings.environment,
+    }
+    try:
+        facts = FactsExtractor(settings.max_sql_bytes).extract(args.sql, catalog)
+    except GatewayError as exc:
+        # Refused before policy is asked, exactly as the gateway would.
+        report["refused_by_gateway"] = exc.body()["error"]
+        print(json.dumps(report, indent=2))  # noqa: T201
+        return 1
+    # build_input reads only the settings of the gateway and the client of the request.
+    input_ = build_input(
+        cast(Any, SimpleNamespace(settings=settings)), identity, facts, catalog,
+        cast(Any, SimpleNamespace(client=None)), f"explain-{uuid.uuid4().hex[:12]}",
+    )
+    query = "data." + settings.opa_decision_path.strip("/").replace("/", ".")
+    result = subprocess.run(  # noqa: S603
+        [find_opa(args.opa_bin), "eval", "--format", "json", "--stdin-input",
+         "--data", str(policy_dir), query],
+        input=json.dumps(input_), capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        print(f"querygate: opa eval failed:\n{result.stderr}{result.stdout}", file=sys.stderr)  # noqa: T201
+        return 1
+    expressions = json.loads(result.stdout).get("result") or [{"expressions": [{}]}]
+    raw = expressions[0]["expressions"][0].get("value")
+    report["facts"] = input_["query"]
+    report["decision"] = raw
+    try:
+        decision = parse_decision(raw, "explain")
+        if decision.allow:
+            check_predicates(facts, decision)
+    except GatewayError as exc:
+        # A malformed decision (503) or a masked column used as a predicate (403).
+        report["gateway_would"] = {"status": exc.status, **exc.body()["error"]}
+        print(json.dumps(report, indent=2))  # noqa: T201
+        return 0 if exc.status == 403 else 1
+    if not decision.allow:
+        verdict: dict[str, Any] = {"status": 403, "outcome": "deny"}
+    elif decision.require_approval is not None:
+        verdict = {"status": 202, "outcome": "approval_required"}
+    else:
+        verdict = {"status": 200, "outcome": "allow", "masks": decision.masks}
+    report["gateway_would"] = {**verdict, "reasons": decision.reasons_json()}
+    print(json.dumps(report, indent=2))  # noqa: T201
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,20 +347,76 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--token", default=None, help="a bearer token instead of --as")
     explain.add_argument("--url", default="http://127.0.0.1:8080")
     explain.add_argument("--data-dir", default=".querygate")
+    explain.add_argument(
+        "--policy-dir", default=None,
+        help="decide locally with the Rego in this directory (no gateway; docs/policies.md)",
+    )
+    explain.add_argument(
+        "--groups", action="append", default=[],
+        help="with --policy-dir: the caller's groups (comma-separated) instead of --as's",
+    )
+    explain.add_argument(
+        "--environment", choices=["dev", "staging", "prod"], default=None,
+        help="with --policy-dir: the environment policy sees (default QUERYGATE_ENVIRONMENT)",
+    )
+    explain.add_argument("--opa-bin", default=None, help="with --policy-dir: the opa binary")
 
     catalog = sub.add_parser("catalog", help="list columns with their class and its origin")
     catalog.add_argument("--as", dest="as_", default="sec", help="demo identity (an admin)")
     catalog.add_argument("--token", default=None, help="a bearer token instead of --as")
     catalog.add_argument("--url", default="http://127.0.0.1:8080")
     catalog.add_argument("--data-dir", default=".querygate")
+
+    audit = sub.add_parser("audit", help="check the audit trail (docs/audit.md)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="report gaps, reordering and edits in a copy of the audit trail"
+    )
+    verify.add_argument("file", nargs="?", default=None, help="a JSONL copy of the trail")
+    verify.add_argument("--kafka", metavar="BOOTSTRAP", default=None,
+                        help="read the topic from these brokers (host:port,…) instead of a file")
+    verify.add_argument("--topic", default=None,
+                        help="the topic (default QUERYGATE_AUDIT_KAFKA_TOPIC or querygate.audit)")
+    verify.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic")
+    verify.add_argument("--allow-partial-start", action="store_true",
+                        help="a chain may start after seq 1 (an older part was deleted on purpose)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`audit verify`: 0 when every chain is complete, in order and unedited; 1 otherwise."""
+    import asyncio
+
+    from app.audit import AuditError, Verifier, verify_file, verify_topic
+
+    if (args.file is None) == (args.kafka is None):
+        print("querygate audit verify: give a FILE or --kafka BOOTSTRAP", file=sys.stderr)  # noqa: T201
+        return 2
+    verifier: Verifier
+    try:
+        if args.file is not None:
+            verifier = verify_file(Path(args.file), args.allow_partial_start)
+        else:
+            topic = args.topic or os.environ.get("QUERYGATE_AUDIT_KAFKA_TOPIC", "querygate.audit")
+            verifier = asyncio.run(
+                verify_topic(args.kafka, topic, args.allow_partial_start, args.timeout)
+            )
+    except (OSError, AuditError) as exc:
+        print(f"querygate audit verify: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.json:
+        print(json.dumps(verifier.report(), indent=2))  # noqa: T201
+    else:
+        print(verifier.summary())  # noqa: T201
+    return 0 if verifier.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
-        "catalog": cmd_catalog,
+        "catalog": cmd_catalog, "audit": cmd_audit,
     }
     try:
         return handlers[args.command](args)

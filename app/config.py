@@ -227,6 +227,55 @@ class Settings(BaseSettings):
     mask_redact_token: str = "[REDACTED]"  # noqa: S105 - a placeholder shown, not a secret
     stream_batch_rows: int = Field(500, ge=1, le=100_000)
 
+    # Audit trail (docs/audit.md). Every event is appended to a local spool (fsynced) before
+    # the response goes out, then shipped in order to the sink. Without a spool directory a
+    # temporary one is used and deleted at shutdown: set it wherever the trail matters.
+    audit_sink: Literal["file", "stdout", "kafka"] = "file"
+    audit_spool_dir: Path | None = None
+    # The file sink's JSONL file; default <spool dir>/audit.jsonl.
+    audit_file: Path | None = None
+    # Names this gateway in every event and keys its Kafka messages; default: the id the
+    # spool recorded when it was created (<hostname>-<random>). A restart with the same
+    # spool directory (and id) continues the hash chain.
+    audit_instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    audit_spool_max_bytes: int = Field(1 << 30, ge=64 * 1024, le=1 << 40)
+    audit_segment_bytes: int = Field(16 << 20, ge=4096, le=1 << 30)
+    # When the spool can accept nothing, queries are refused (503 audit_unavailable); true
+    # lets them run unaudited instead, and is refused in prod.
+    audit_fail_open: bool = False
+    audit_drain_timeout_s: float = Field(5.0, ge=0.0, le=300.0)
+    audit_kafka_bootstrap: str | None = None
+    audit_kafka_topic: str = Field("querygate.audit", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    audit_kafka_timeout_ms: int = Field(30_000, ge=1000, le=600_000)
+    audit_kafka_linger_ms: int = Field(5, ge=0, le=1000)
+    audit_kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    audit_kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    audit_kafka_sasl_username: str | None = None
+    audit_kafka_sasl_password: SecretStr | None = None
+    audit_kafka_ssl_cafile: Path | None = None
+    # GET /metrics (Prometheus text format, unauthenticated: counts and timings only).
+    metrics_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _audit_consistent(self) -> Settings:
+        if self.audit_sink == "kafka" and not self.audit_kafka_bootstrap:
+            raise ValueError(
+                f"{_env('audit_kafka_bootstrap')} is required with {_env('audit_sink')}=kafka"
+            )
+        if self.audit_fail_open and self.environment == "prod":
+            raise ValueError(f"{_env('audit_fail_open')} cannot be used with "
+                             f"{_env('environment')}=prod")
+        sasl = self.audit_kafka_security_protocol.startswith("SASL_")
+        if sasl != (self.audit_kafka_sasl_mechanism is not None):
+            raise ValueError(f"{_env('audit_kafka_sasl_mechanism')} is required with, and only "
+                             f"with, {_env('audit_kafka_security_protocol')}=SASL_*")
+        if sasl and (not self.audit_kafka_sasl_username or self.audit_kafka_sasl_password is None):
+            raise ValueError(f"{_env('audit_kafka_sasl_username')} and "
+                             f"{_env('audit_kafka_sasl_password')} are required with SASL")
+        return self
+
     # Approvals: a Slack-compatible webhook told when one is requested and decided.
     approval_webhook_url: str | None = None
 

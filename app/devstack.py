@@ -196,8 +196,12 @@ class GatewayProcess:
                 self.process.wait()
 
 
-def start_gateway(settings: dict[str, str], log_path: Path) -> GatewayProcess:
-    """Run ``querygate serve`` with exactly these QUERYGATE_* settings and wait for /readyz."""
+def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True) -> GatewayProcess:
+    """Run ``querygate serve`` with exactly these QUERYGATE_* settings and wait for /readyz.
+
+    With ``wait=False`` only wait until it answers /healthz: for a gateway that is meant to
+    stay not ready (its OPA refused the policy bundle).
+    """
     import sys
 
     port = settings.get("port") or str(free_port())
@@ -210,9 +214,196 @@ def start_gateway(settings: dict[str, str], log_path: Path) -> GatewayProcess:
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
         )
     gateway = GatewayProcess(process, f"http://127.0.0.1:{port}")
+    probe = "/readyz" if wait else "/healthz"
     try:
-        wait_http(f"{gateway.url}/readyz", timeout_s=60)
+        wait_http(f"{gateway.url}{probe}", timeout_s=60)
     except StackError:
         gateway.stop()
-        raise StackError(f"gateway did not become ready: {log_path.read_text()[-2000:]}") from None
+        raise StackError(f"gateway did not answer {probe}: {log_path.read_text()[-2000:]}") from None
     return gateway
+
+
+# --- Apache Kafka: a single KRaft node for the audit tests ---------------------------------
+
+KAFKA_POM = REPO_ROOT / "tools" / "kafka" / "pom.xml"
+
+_KAFKA_LOG4J = """\
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = OUT
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = info
+"""
+
+
+def kafka_version() -> str:
+    """The Apache Kafka version pinned in tools/kafka/pom.xml."""
+    import re
+
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", KAFKA_POM.read_text())
+    if match is None:
+        raise StackError(f"no <kafka.version> in {KAFKA_POM}")
+    return match.group(1)
+
+
+def find_kafka() -> Path:
+    """The broker's jars: $QUERYGATE_KAFKA_LIBS, else the Makefile's cache (``make kafka``
+    fills it from Maven Central when it is missing)."""
+    explicit = os.environ.get("QUERYGATE_KAFKA_LIBS")
+    if explicit:
+        return Path(explicit)
+    libs = REPO_ROOT / ".tools" / "kafka" / kafka_version() / "libs"
+    if not (libs / ".complete").exists():
+        result = subprocess.run(
+            ["make", "-s", "kafka"], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: S607
+            check=False,
+        )
+        if result.returncode != 0 or not (libs / ".complete").exists():
+            raise StackError(f"`make kafka` failed: {(result.stdout + result.stderr)[-2000:]}")
+    return libs
+
+
+def _kafka_answers(bootstrap: str) -> bool:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        # A closed port first, quietly: aiokafka logs every refused connection as an error.
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        try:
+            await admin.start()
+            await admin.describe_cluster()
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    return asyncio.run(probe())
+
+
+@dataclass
+class KafkaBroker:
+    """A single-node KRaft broker (broker and controller in one JVM) on loopback ports.
+
+    ``stop`` and ``start`` again keep the data, the cluster id and the ports, so a test can
+    take Kafka away and bring it back.
+    """
+
+    libs: Path
+    data_dir: Path
+    port: int
+    controller_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the JVM and wait until the broker answers a metadata request."""
+        java = shutil.which("java")
+        if java is None:
+            raise StackError("no java on PATH (the Kafka broker needs Java 17+)")
+        with (self.data_dir / "broker.log").open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603
+                [java, "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                 "-Djava.awt.headless=true",
+                 f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
+                 "-cp", f"{self.libs}/*", "kafka.Kafka", str(self.data_dir / "server.properties")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while not _kafka_answers(self.bootstrap):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.data_dir / "broker.log").read_text(errors="replace")[-3000:]
+                raise StackError(f"Kafka did not start on {self.bootstrap}: {tail}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), or SIGKILL after 30 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def create_topic(self, name: str, partitions: int = 1) -> None:
+        """Create ``name`` (replication factor 1) and wait until it has a leader."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1)])
+                for _ in range(100):
+                    described = await admin.describe_topics([name])
+                    if described and all(
+                        p.get("leader", -1) >= 0 for p in described[0].get("partitions", [])
+                    ) and described[0].get("partitions"):
+                        return
+                    await asyncio.sleep(0.1)
+            finally:
+                await admin.close()
+
+        asyncio.run(create())
+
+
+def start_kafka(data_dir: Path) -> KafkaBroker:
+    """Format a fresh KRaft log in ``data_dir`` and start a broker on free loopback ports."""
+    import base64
+    import uuid
+
+    libs = find_kafka()
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("no java on PATH (the Kafka broker needs Java 17+)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port, controller_port = free_port(), free_port()
+    (data_dir / "server.properties").write_text(
+        "process.roles=broker,controller\n"
+        "node.id=1\n"
+        f"controller.quorum.voters=1@127.0.0.1:{controller_port}\n"
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n"
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n"
+        "controller.listener.names=CONTROLLER\n"
+        "inter.broker.listener.name=PLAINTEXT\n"
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+        f"log.dirs={data_dir / 'log'}\n"
+        "num.partitions=1\n"
+        "offsets.topic.replication.factor=1\n"
+        "transaction.state.log.replication.factor=1\n"
+        "transaction.state.log.min.isr=1\n"
+        "share.coordinator.state.topic.replication.factor=1\n"
+        "share.coordinator.state.topic.min.isr=1\n"
+        "group.initial.rebalance.delay.ms=0\n"
+        "auto.create.topics.enable=false\n"
+    )
+    (data_dir / "log4j2.properties").write_text(_KAFKA_LOG4J)
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    formatted = subprocess.run(  # noqa: S603
+        [java, "-Xmx256m", f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}",
+         "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", "-t", cluster_id,
+         "-c", str(data_dir / "server.properties")],
+        capture_output=True, text=True, check=False,
+    )
+    if formatted.returncode != 0:
+        raise StackError(f"kafka-storage format failed: {formatted.stdout}{formatted.stderr}")
+    broker = KafkaBroker(libs, data_dir, port, controller_port)
+    broker.start()
+    return broker

@@ -11,6 +11,7 @@ but a well-formed decision — OPA down, slow, erroring, undefined result, wrong
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import uuid
@@ -61,6 +62,8 @@ class Decision:
     max_rows_affected: int | None = None
     # The database role the statement runs under (SET LOCAL ROLE).
     db_role: str | None = None
+    # The revision of the policy bundle that decided (OPA provenance), for the audit trail.
+    bundle_revision: str | None = None
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
@@ -135,6 +138,23 @@ def parse_decision(result: object, decision_id: str) -> Decision:
     )
 
 
+def bundle_revision(provenance: object) -> str | None:
+    """The bundle revision(s) in OPA's provenance; None when OPA runs plain files."""
+    if not isinstance(provenance, dict):
+        return None
+    bundles = provenance.get("bundles")
+    if isinstance(bundles, dict) and bundles:
+        revisions = {
+            name: b.get("revision") for name, b in bundles.items() if isinstance(b, dict)
+        }
+        if len(revisions) == 1:
+            only = next(iter(revisions.values()))
+            return only if isinstance(only, str) and only else None
+        return ",".join(f"{n}={r}" for n, r in sorted(revisions.items()) if isinstance(r, str))
+    revision = provenance.get("revision")
+    return revision if isinstance(revision, str) and revision else None
+
+
 def _check_approval_request(approval: dict[str, Any]) -> None:
     groups = approval.get("approver_groups")
     ttl = approval.get("ttl_s")
@@ -176,11 +196,13 @@ class PolicyClient:
 
     async def decide(self, input_: dict[str, Any]) -> Decision:
         """Evaluate the decision for ``input_``; fail closed on every kind of trouble."""
-        payload = await self._query(self._rule, input_)
+        payload = await self._query(self._rule, input_, provenance=True)
         decision_id = payload.get("decision_id")
         if not isinstance(decision_id, str) or not decision_id:
             decision_id = str(uuid.uuid4())
-        return parse_decision(payload.get("result"), decision_id)
+        decision = parse_decision(payload.get("result"), decision_id)
+        revision = bundle_revision(payload.get("provenance"))
+        return dataclasses.replace(decision, bundle_revision=revision) if revision else decision
 
     async def approver_decide(self, input_: dict[str, Any]) -> tuple[bool, list[Reason]]:
         """May this identity approve or reject this approval? (``approver_decision``)."""
@@ -196,12 +218,15 @@ class PolicyClient:
             raise _unavailable("malformed approver decision: reasons")
         return result["allow"], [Reason(r["rule"], r["message"]) for r in reasons]
 
-    async def _query(self, rule: str, input_: dict[str, Any]) -> dict[str, Any]:
+    async def _query(
+        self, rule: str, input_: dict[str, Any], provenance: bool = False
+    ) -> dict[str, Any]:
         client = await self._session()
         try:
             async with asyncio.timeout(self._timeout):
                 payload = await client.query_rule(
-                    input_data=input_, package_path=self._package, rule_name=rule
+                    input_data=input_, package_path=self._package, rule_name=rule,
+                    query_params={"provenance": True} if provenance else None,
                 )
         except TimeoutError as exc:
             log.warning("OPA timed out after %.0f ms", self._timeout * 1000)

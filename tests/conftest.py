@@ -409,3 +409,19 @@ def opa_with_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 def admin_db(postgres: Postgres) -> Database:
     """The demo database as the cluster's superuser (roles, grants)."""
     return Database(postgres.admin_dsn.replace("/postgres?", "/appdb?"))
+
+
+# --- audit: a real Kafka broker (tests/integration/test_audit*.py) ---------------------------
+
+from app.devstack import KafkaBroker, start_kafka  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """One KRaft Kafka node on free loopback ports (jars from `make kafka`), answering.
+
+    Tests may ``stop()`` and ``start()`` it (same ports, same data) and must leave it running.
+    """
+    broker = start_kafka(tmp_path_factory.mktemp("kafka"))
+    yield broker
+    broker.stop()

@@ -14,6 +14,9 @@ package querygate
 # every lookup below is undefined and the policy denies everything.
 cfg := data.querygate.config
 
+# METADATA
+# description: What the gateway asks for every request (docs/decision-contract.md).
+# entrypoint: true
 decision := {
 	"allow": allow,
 	"reasons": reasons,

@@ -70,7 +70,7 @@ test_alice_select_allowed if {
 }
 
 test_every_reader_group_may_select if {
-	every g in data.querygate.config.reader_groups {
+	every g in querygate.config.reader_groups {
 		querygate.allow with input as req(object.union(alice, {"groups": [g]}), "prod", select_customers)
 	}
 }
@@ -182,7 +182,7 @@ test_alice_ddl_denied_in_dev if {
 
 test_ddl_environments_come_from_data if {
 	d := querygate.decision with input as req(dana, "dev", ddl("truncate"))
-		with data.querygate.config.ddl_forbidden_environments as ["dev", "staging", "prod"]
+		with querygate.config.ddl_forbidden_environments as ["dev", "staging", "prod"]
 	denied_by(d, "ddl_forbidden_in_environment")
 }
 
@@ -234,7 +234,10 @@ test_missing_environment_denied if {
 test_empty_input_denied_with_a_defined_decision if {
 	d := querygate.decision with input as {}
 	d.allow == false
-	rules(d) == {"missing_subject", "malformed_groups", "unknown_environment", "unknown_kind", "write_requires_writer_group"}
+	rules(d) == {
+		"missing_subject", "malformed_groups", "unknown_environment", "unknown_kind",
+		"write_requires_writer_group",
+	}
 	d.masks == {}
 	d.require_approval == null
 	d.max_rows == null
@@ -242,7 +245,7 @@ test_empty_input_denied_with_a_defined_decision if {
 
 test_missing_config_denies_everything if {
 	d := querygate.decision with input as req(dana, "dev", select_customers)
-		with data.querygate.config as {}
+		with querygate.config as {}
 	denied_by(d, "unknown_environment")
 }
 
@@ -295,22 +298,22 @@ test_default_deny_only_when_no_deny_fired if {
 
 test_max_rows_comes_from_data if {
 	querygate.decision.max_rows == null with input as req(alice, "dev", select_customers)
-		with data.querygate.config.default_max_rows as null
+		with querygate.config.default_max_rows as null
 	querygate.decision.max_rows == 50 with input as req(alice, "dev", select_customers)
-		with data.querygate.config.default_max_rows as 50
+		with querygate.config.default_max_rows as 50
 }
 
 # Guards the data file: a bad max_rows would make every allow malformed,
 # which the gateway turns into a denial of everything.
 test_shipped_max_rows_is_null_or_non_negative_integer if {
-	valid_max_rows(data.querygate.config.default_max_rows)
+	valid_max_rows(querygate.config.default_max_rows)
 	valid_max_rows(null)
 	not valid_max_rows(-1)
 	not valid_max_rows(1.5)
 	not valid_max_rows("1000")
 }
 
-valid_max_rows(n) if n == null
+valid_max_rows(null)
 
 valid_max_rows(n) if {
 	is_number(n)
@@ -339,12 +342,15 @@ test_unlisted_function_is_denied_by_name if {
 
 test_extra_functions_extend_the_list if {
 	d := querygate.decision with input as select_with_functions(["public.exfiltrate"])
-		with data.querygate.config as object.union(data.querygate.config, {"functions": {"builtin": [], "extra": ["public.exfiltrate"]}})
+		with querygate.config as object.union(querygate.config, {"functions": {
+			"builtin": [],
+			"extra": ["public.exfiltrate"],
+		}})
 	d.allow
 }
 
 test_without_function_config_every_function_is_denied if {
 	d := querygate.decision with input as select_with_functions(["lower"])
-		with data.querygate.config as object.remove(data.querygate.config, ["functions"])
+		with querygate.config as object.remove(querygate.config, ["functions"])
 	not d.allow
 }

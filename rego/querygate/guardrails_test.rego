@@ -49,7 +49,10 @@ ddl_query(operation, actions) := {
 
 test_destructive_ddl_denied_in_staging_and_prod_even_for_migrations if {
 	every env in ["staging", "prod"] {
-		every q in [ddl_query("drop", []), ddl_query("truncate", []), ddl_query("alter", ["drop"]), ddl_query("alter", ["columndef", "cascade"])] {
+		every q in [
+			ddl_query("drop", []), ddl_query("truncate", []),
+			ddl_query("alter", ["drop"]), ddl_query("alter", ["columndef", "cascade"]),
+		] {
 			d := querygate.decision with input as ask(migrator, env, q)
 			not d.allow
 			"destructive_ddl" in rules_of(d)
@@ -102,38 +105,46 @@ test_approval_does_not_override_a_denial if {
 
 test_protected_table_deny_mode if {
 	d := querygate.decision with input as ask(dba, "prod", write_query("update", "public.orders", true, false))
-		with data.querygate.config.guardrails.protected_tables as {"public.orders": "deny"}
+		with querygate.config.guardrails.protected_tables as {"public.orders": "deny"}
 	not d.allow
 	"protected_table" in rules_of(d)
 }
 
 test_db_role_from_groups if {
 	d := querygate.decision with input as ask(dba, "prod", write_query("update", "public.orders", true, false))
-		with data.querygate.config.guardrails.db_roles as {"dba": "qg_writer", "analysts": "qg_reader"}
+		with querygate.config.guardrails.db_roles as {"dba": "qg_writer", "analysts": "qg_reader"}
 	d.db_role == "qg_writer"
 }
 
-approval_record := {"requester": {"sub": "dana"}, "approver_groups": ["security", "dba"], "tables": ["public.customers"]}
+approval_record := {
+	"requester": {"sub": "dana"},
+	"approver_groups": ["security", "dba"],
+	"tables": ["public.customers"],
+}
 
 test_approver_in_group_may_approve if {
-	d := querygate.approver_decision with input as {"identity": {"sub": "sec", "groups": ["security"]}, "approval": approval_record}
+	asker := {"sub": "sec", "groups": ["security"]}
+	d := querygate.approver_decision with input as {"identity": asker, "approval": approval_record}
 	d.allow
 	d.reasons == [{"rule": "approver_group", "message": "member of an approver group"}]
 }
 
 test_requester_may_never_approve if {
-	d := querygate.approver_decision with input as {"identity": {"sub": "dana", "groups": ["dba"]}, "approval": approval_record}
+	asker := {"sub": "dana", "groups": ["dba"]}
+	d := querygate.approver_decision with input as {"identity": asker, "approval": approval_record}
 	not d.allow
 	d.reasons == [{"rule": "self_approval", "message": "requesters cannot approve their own requests"}]
 }
 
 test_non_approver_may_not_approve if {
-	d := querygate.approver_decision with input as {"identity": {"sub": "alice", "groups": ["analysts"]}, "approval": approval_record}
+	asker := {"sub": "alice", "groups": ["analysts"]}
+	d := querygate.approver_decision with input as {"identity": asker, "approval": approval_record}
 	not d.allow
 	d.reasons == [{"rule": "not_an_approver", "message": "you are not an approver for this request"}]
 }
 
 test_approver_without_subject_is_refused if {
-	d := querygate.approver_decision with input as {"identity": {"groups": ["security"]}, "approval": approval_record}
+	asker := {"groups": ["security"]}
+	d := querygate.approver_decision with input as {"identity": asker, "approval": approval_record}
 	not d.allow
 }

@@ -108,35 +108,45 @@ test_derived_mask_comes_from_data if {
 	d.derived_mask == "deny"
 }
 
+ssn := ["public.customers.ssn"]
+
 copy_input(groups, target, sources, classes) := {
 	"identity": {"sub": "dana", "groups": groups},
 	"environment": "staging",
 	"query": {
 		"kind": "update",
 		"tables": {"read": ["public.customers"], "write": ["public.customers"]},
-		"columns": {"read": sources, "predicate": ["public.customers.id"], "join_equality": [], "write": [target], "write_sources": {target: sources}},
+		"columns": {
+			"read": sources, "predicate": ["public.customers.id"], "join_equality": [],
+			"write": [target], "write_sources": {target: sources},
+		},
 		"functions": [], "has_where": true, "where_trivially_true": false,
 	},
 	"classification": classes,
 }
 
 test_copying_a_masked_value_into_another_class_is_denied if {
-	d := querygate.decision with input as copy_input(["dba"], "public.customers.email", ["public.customers.ssn"], demo_classes)
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.email", ssn, demo_classes)
 	not d.allow
-	d.reasons == [{"rule": "masked_value_copied", "message": "writing masked public.customers.ssn into public.customers.email is not allowed"}]
+	d.reasons == [{
+		"rule": "masked_value_copied",
+		"message": "writing masked public.customers.ssn into public.customers.email is not allowed",
+	}]
 }
 
 test_copying_into_an_unclassified_column_is_denied if {
-	d := querygate.decision with input as copy_input(["dba"], "public.customers.country", ["public.customers.ssn"], demo_classes)
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.country", ssn, demo_classes)
 	not d.allow
 }
 
 test_copying_within_a_class_is_allowed if {
-	d := querygate.decision with input as copy_input(["dba"], "public.customers.ssn", ["public.customers.ssn"], demo_classes)
+	d := querygate.decision with input as copy_input(["dba"], "public.customers.ssn", ssn, demo_classes)
 	d.allow
 }
 
 test_copying_what_the_caller_sees_in_the_clear_is_allowed if {
-	d := querygate.decision with input as copy_input(["dba", "pii_readers"], "public.customers.country", ["public.customers.email"], demo_classes)
+	groups := ["dba", "pii_readers"]
+	email := ["public.customers.email"]
+	d := querygate.decision with input as copy_input(groups, "public.customers.country", email, demo_classes)
 	d.allow
 }

@@ -151,4 +151,4 @@ def test_healthz_and_readyz(gateway):
     assert gateway.client.get("/healthz").json() == {"status": "ok"}
     ready = gateway.client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"opa": "ok", "database": "ok"}
+    assert ready.json()["checks"] == {"opa": "ok", "database": "ok", "audit": "ok"}

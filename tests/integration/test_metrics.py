@@ -1,0 +1,111 @@
+"""Observability: the Prometheus series a dashboard relies on, and JSON logs with request ids.
+
+Acceptance 7: /metrics exposes requests by decision and code, per-stage latency histograms,
+OPA errors, spool depth and age, and Kafka send errors — checked on real gateways whose
+Kafka and OPA are unreachable where the test needs errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.devstack import free_port, start_gateway
+from tests.conftest import AUDIENCE, ISSUER
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(client: httpx.Client) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    families: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(response.text):
+        families[family.name] = [(s.name, s.labels, s.value) for s in family.samples]
+    return families
+
+
+def value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    name = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    name = name.removesuffix("_bucket")
+    return sum(
+        v for n, lab, v in families.get(name, [])
+        if n == sample and all(lab.get(k) == want for k, want in labels.items())
+    )
+
+
+def test_metrics_expose_the_named_series(make_gateway, tmp_path, alice):
+    gateway = make_gateway(
+        audit_spool_dir=str(tmp_path / "spool"), audit_sink="kafka",
+        audit_kafka_bootstrap=f"127.0.0.1:{free_port()}", audit_drain_timeout_s=0,
+    )
+    assert gateway.query("SELECT id, email FROM customers WHERE id < $1", alice, [3]).status_code == 200
+    assert gateway.query("DELETE FROM orders WHERE id = 1", alice).status_code == 403
+    assert gateway.query("SELECT 1", {"authorization": "Bearer nope"}).status_code == 401
+    time.sleep(1.0)  # the shipper has tried Kafka (unreachable) at least once
+    families = scrape(gateway.client)
+
+    assert value(families, "querygate_requests_total", route="/v1/query", decision="allow",
+                 code="ok") == 1
+    assert value(families, "querygate_requests_total", route="/v1/query", decision="deny",
+                 code="policy_denied") == 1
+    assert value(families, "querygate_requests_total", route="/v1/query", decision="none",
+                 code="missing_token") + value(
+        families, "querygate_requests_total", route="/v1/query", decision="none",
+        code="invalid_token") == 1
+    for stage in ("auth", "facts", "policy", "database", "masking"):
+        assert value(families, "querygate_stage_duration_seconds_count", stage=stage) >= 1, stage
+        assert value(families, "querygate_stage_duration_seconds_bucket", stage=stage, le="+Inf") >= 1
+    assert "querygate_opa_errors" in families
+    assert value(families, "querygate_audit_kafka_send_errors_total") >= 1
+    depth = value(families, "querygate_audit_spool_events")
+    assert depth >= 4  # started, decision, execution, decision, auth failure: none shipped
+    assert value(families, "querygate_audit_spool_oldest_age_seconds") > 0
+    assert value(families, "querygate_audit_spool_bytes") > 0
+    assert value(families, "querygate_audit_spool_limit_bytes") == 1 << 30
+    assert value(families, "querygate_audit_sink_up") == 0
+    assert value(families, "querygate_audit_events_total", type="decision") == 2
+    assert value(families, "querygate_audit_events_total", type="auth_failure") == 1
+    assert value(families, "querygate_audit_append_duration_seconds_count") >= 4
+    assert value(families, "querygate_audit_last_sequence") == depth
+
+
+def test_opa_errors_are_counted(make_gateway, alice):
+    gateway = make_gateway(opa_url=f"http://127.0.0.1:{free_port()}", opa_timeout_ms=500)
+    response = gateway.query("SELECT id FROM customers WHERE id = 1", alice)
+    assert response.status_code == 503
+    families = scrape(gateway.client)
+    assert value(families, "querygate_opa_errors_total") == 1
+    assert value(families, "querygate_requests_total", route="/v1/query", decision="error",
+                 code="policy_unavailable") == 1
+
+
+def test_log_lines_are_json_with_the_request_id(postgres, opa, keys, tmp_path):
+    log_path = tmp_path / "gateway.log"
+    gateway = start_gateway(
+        {
+            "environment": "staging", "database_url": postgres.app_dsn, "opa_url": opa.url,
+            "jwt_public_key": keys.public_pem, "jwt_issuer": ISSUER, "jwt_audience": AUDIENCE,
+            "jwt_algorithms": "RS256", "log_level": "info",
+            "audit_spool_dir": str(tmp_path / "spool"),
+        },
+        log_path,
+    )
+    try:
+        refused = httpx.post(f"{gateway.url}/v1/query", json={"sql": "SELECT 1"},
+                             headers={"authorization": "Bearer not-a-jwt"})
+        assert refused.status_code == 401
+        request_id = refused.headers["x-request-id"]
+    finally:
+        gateway.stop()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    mine = [line for line in lines if line.get("request_id") == request_id]
+    assert any(line["message"].startswith("authentication refused") for line in mine), mine
+    assert "not-a-jwt" not in log_path.read_text()

@@ -1,0 +1,385 @@
+"""The audit trail's parts alone: redaction, the hash chain, the spool, the verifier.
+
+The spool and the file sink work on real files in a temporary directory; only the disk-full
+case swaps ``os.write`` for one that fails with ENOSPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from app import audit
+from app.audit import (
+    GENESIS,
+    AuditLog,
+    FileSink,
+    Shipper,
+    Spool,
+    SpoolFull,
+    Verifier,
+    canonical,
+    event_hash,
+    redact_sql,
+    verify_file,
+)
+from app.cli import main
+from app.config import ConfigError, load_settings
+from app.errors import Unavailable
+from app.metrics import JsonFormatter, Metrics
+
+# --- redacted SQL -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT id FROM customers WHERE email = 'ada@example.com'",
+         "SELECT id FROM customers WHERE email = ?"),
+        ("SELECT id FROM t WHERE a = 'x''y' AND b = 12.5e3 AND c = $1",
+         "SELECT id FROM t WHERE a = ? AND b = ? AND c = $1"),
+        ("select  id\n  from t where n = -5 limit 10", "select  id\n  from t where n = -? limit ?"),
+        ("SELECT $$dollar secret$$, E'esc', B'101', X'ff', N'nat', U&'d\\0061t'",
+         "SELECT ?, ?, ?, ?, ?, ?"),
+        ("SELECT DATE '2024-01-01', 'a'::text", "SELECT DATE ?, ?::text"),
+        ('SELECT "Weird Name" FROM "T" WHERE x = $2', 'SELECT "Weird Name" FROM "T" WHERE x = $2'),
+        ("SELECT 1 -- the ssn is 123-45-6789\nFROM t /* card 4111 */ WHERE a = 'é€'",
+         "SELECT ? FROM t WHERE a = ?"),
+    ],
+)
+def test_literals_and_comments_are_replaced(sql, expected):
+    assert redact_sql(sql) == expected
+
+
+def test_unreadable_sql_gives_no_text_rather_than_raw_text():
+    assert redact_sql("SELECT 'never closed") is None
+
+
+# --- canonical form and the chain -----------------------------------------------------------
+
+
+def test_the_hash_covers_every_field_but_itself_in_canonical_form():
+    event = {"b": 1, "a": {"y": [1, "é"], "x": None}, "hash": "ignored"}
+    expected = b'{"a":{"x":null,"y":[1,"\xc3\xa9"]},"b":1}'
+    assert canonical({"b": 1, "a": {"y": [1, "é"], "x": None}}) == expected
+    assert event_hash(event) == event_hash({"a": {"x": None, "y": [1, "é"]}, "b": 1})
+    assert event_hash(event) != event_hash({**event, "b": 2})
+
+
+def _event(kind: str = "decision", **fields: Any) -> dict[str, Any]:
+    return {"schema": audit.SCHEMA, "type": kind, "time": "2026-11-21T10:00:00+00:00", **fields}
+
+
+async def _spool(tmp_path: Path, **kwargs: Any) -> tuple[Spool, asyncio.Task[None]]:
+    spool = Spool(tmp_path / "spool", kwargs.pop("max_bytes", 1 << 20),
+                  kwargs.pop("segment_bytes", 1 << 16), kwargs.pop("instance", "gw-test"))
+    spool.open()
+    return spool, asyncio.create_task(spool.run_writer())
+
+
+async def _close(spool: Spool, writer: asyncio.Task[None]) -> None:
+    await spool.close()
+    await writer
+    spool.release()
+
+
+def _lines(spool: Spool) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((spool.directory / "segments").glob("*.jsonl")):
+        out.extend(orjson.loads(line) for line in path.read_bytes().splitlines())
+    return out
+
+
+async def test_appended_events_form_a_chain_and_are_durable_when_awaited(tmp_path):
+    spool, writer = await _spool(tmp_path)
+    futures = [spool.append(_event(n=i), gate=True) for i in range(5)]
+    await asyncio.gather(*futures)
+    assert spool.durable_seq == 5
+    events = _lines(spool)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert events[0]["prev_hash"] == GENESIS
+    for before, after in itertools.pairwise(events):
+        assert after["prev_hash"] == before["hash"]
+    assert all(e["hash"] == event_hash(e) and e["instance"] == "gw-test" for e in events)
+    await _close(spool, writer)
+
+
+async def test_a_restart_continues_the_chain_and_drops_a_torn_tail(tmp_path):
+    spool, writer = await _spool(tmp_path)
+    await asyncio.gather(*[spool.append(_event(n=i), gate=True) for i in range(3)])
+    chain = spool.chain
+    await _close(spool, writer)
+    # A crash in the middle of a write: half a line at the end of the last segment.
+    last = sorted((tmp_path / "spool" / "segments").glob("*.jsonl"))[-1]
+    with last.open("ab") as f:
+        f.write(b'{"seq": 4, "half')
+    again, writer = await _spool(tmp_path)
+    assert (again.seq, again.chain, again.torn_bytes) == (3, chain, 16)
+    await again.append(_event(n=3), gate=True)
+    events = _lines(again)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert events[3]["prev_hash"] == events[2]["hash"]
+    await _close(again, writer)
+
+
+async def test_a_second_process_cannot_open_the_same_spool(tmp_path):
+    spool, writer = await _spool(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another gateway process"):
+        Spool(tmp_path / "spool", 1 << 20, 1 << 16).open()
+    await _close(spool, writer)
+
+
+async def test_another_instance_id_is_refused_while_events_are_unshipped(tmp_path):
+    spool, writer = await _spool(tmp_path)
+    await spool.append(_event(), gate=True)
+    await _close(spool, writer)
+    with pytest.raises(ConfigError, match="QUERYGATE_AUDIT_INSTANCE_ID"):
+        Spool(tmp_path / "spool", 1 << 20, 1 << 16, "gw-other").open()
+
+
+async def test_the_quota_refuses_gate_events_first_and_appends_nothing(tmp_path):
+    spool, writer = await _spool(tmp_path, max_bytes=64 * 1024, segment_bytes=8192)
+    big = "x" * 2000
+    accepted = 0
+    with pytest.raises(SpoolFull) as refused:
+        while True:
+            await spool.append(_event(pad=big), gate=True)
+            accepted += 1
+    assert refused.value.reason == "quota"
+    seq = spool.seq
+    # The headroom still takes outcome events of statements that already ran.
+    await spool.append(_event("execution", pad=big), gate=False)
+    assert spool.seq == seq + 1
+    assert spool.accepting()[0] is False
+    assert [e["seq"] for e in _lines(spool)] == list(range(1, accepted + 2))
+    await _close(spool, writer)
+
+
+async def test_a_failed_write_fails_its_batch_and_rewinds_the_chain(tmp_path, monkeypatch):
+    spool, writer = await _spool(tmp_path)
+    await spool.append(_event(n=0), gate=True)
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "write", full)
+    failing = [spool.append(_event(n=i), gate=True) for i in (1, 2)]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert all(isinstance(r, SpoolFull) and r.reason == "disk" for r in results)
+    assert (spool.seq, spool.accepting()[0]) == (1, False)
+    monkeypatch.setattr(audit.os, "write", real_write)
+    await spool.append(_event(n=3), gate=True)
+    events = _lines(spool)
+    assert [(e["seq"], e["n"]) for e in events] == [(1, 0), (2, 3)]
+    assert events[1]["prev_hash"] == events[0]["hash"]
+    assert spool.accepting() == (True, "ok")
+    await _close(spool, writer)
+
+
+async def test_segments_roll_and_the_shipper_moves_everything_in_order(tmp_path):
+    spool, writer = await _spool(tmp_path, segment_bytes=4096)
+    sink = FileSink(tmp_path / "out.jsonl")
+    await sink.start()
+    shipper = Shipper(spool, sink, Metrics(), batch_bytes=3000)
+    shipping = asyncio.create_task(shipper.run())
+    await asyncio.gather(*[spool.append(_event(n=i, pad="y" * 300), gate=True)
+                           for i in range(40)])
+    for _ in range(200):
+        if spool.shipped_seq == 40:
+            break
+        await asyncio.sleep(0.01)
+    await spool.save_marker(force=True)
+    shipping.cancel()
+    await sink.close()
+    shipped = [orjson.loads(line) for line in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+    assert [e["n"] for e in shipped] == list(range(40))
+    assert verify_file(tmp_path / "out.jsonl").ok
+    # Shipped segments are deleted once the marker says so; the current one stays.
+    assert len(list((tmp_path / "spool" / "segments").glob("*.jsonl"))) <= 2
+    marker = json.loads((tmp_path / "spool" / "shipped.json").read_text())
+    assert marker["seq"] == 40
+    await _close(spool, writer)
+
+
+async def test_the_audit_log_recovers_unshipped_events_at_start(tmp_path):
+    settings = load_settings(environment="staging", audit_spool_dir=tmp_path / "spool",
+                             audit_instance_id="gw-a", audit_drain_timeout_s=2)
+    first = AuditLog(settings, Metrics())
+    await first.start()
+    await first.record(first.event("decision", n=1), gate=True)
+    assert first.spool is not None
+    # As after SIGKILL: the writer ran, the shipper did not get to it, nothing was closed.
+    first._tasks[1].cancel()
+    first.spool.shipped_seq = 0
+    first.spool.release()
+    for task in first._tasks:
+        task.cancel()
+    (tmp_path / "spool" / "shipped.json").unlink(missing_ok=True)
+    second = AuditLog(settings, Metrics())
+    await second.start()
+    await second.close()
+    verifier = verify_file(tmp_path / "spool" / "audit.jsonl")
+    assert verifier.ok, verifier.summary()
+    events = [orjson.loads(line) for line in (tmp_path / "spool" / "audit.jsonl").read_bytes().splitlines()]
+    seqs = [e["seq"] for e in events]
+    # Exact duplicates are possible (the first instance may have shipped before the cut);
+    # every event is there, in order, once the duplicates are set aside.
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1))
+    started = [e for e in events if e["type"] == "lifecycle" and e["lifecycle"]["action"] == "started"]
+    assert started[-1]["lifecycle"]["recovered_unshipped"] >= 1
+
+
+async def test_record_turns_a_full_spool_into_audit_unavailable_or_logs_it_when_fail_open(tmp_path, caplog):
+    for fail_open, spool_dir in ((False, "a"), (True, "b")):
+        settings = load_settings(environment="staging", audit_spool_dir=tmp_path / spool_dir,
+                                 audit_sink="kafka", audit_kafka_bootstrap="127.0.0.1:1",
+                                 audit_spool_max_bytes=64 * 1024, audit_fail_open=fail_open,
+                                 audit_drain_timeout_s=0)
+        log = AuditLog(settings, Metrics())
+        await log.start()
+        pad = "z" * 4000
+        if fail_open:
+            with caplog.at_level(logging.ERROR, logger="querygate.audit"):
+                for _ in range(30):
+                    await log.record(log.event("decision", pad=pad), gate=True)
+            assert "NOT recorded (fail-open)" in caplog.text
+        else:
+            with pytest.raises(Unavailable) as refused:
+                for _ in range(30):
+                    await log.record(log.event("decision", pad=pad), gate=True)
+            assert refused.value.code == "audit_unavailable"
+            assert log.ready()[0] is False
+        await log.close()
+
+
+# --- the verifier ---------------------------------------------------------------------------
+
+
+def _chain(n: int, instance: str = "gw", chain: str = "c1") -> list[dict[str, Any]]:
+    events, prev = [], GENESIS
+    for seq in range(1, n + 1):
+        event = {"type": "decision", "instance": instance, "chain": chain, "seq": seq,
+                 "prev_hash": prev, "n": seq}
+        event["hash"] = event_hash(event)
+        prev = event["hash"]
+        events.append(event)
+    return events
+
+
+def _verify(events: list[dict[str, Any]], **kwargs: Any) -> Verifier:
+    verifier = Verifier(**kwargs)
+    for i, event in enumerate(events):
+        verifier.feed(canonical(event), f"#{i}")
+    return verifier
+
+
+def test_an_intact_chain_passes_and_exact_duplicates_are_counted_not_failed():
+    events = _chain(10)
+    assert _verify(events).ok
+    resent = _verify(events[:7] + events[4:])  # a resend after a lost acknowledgement
+    assert resent.ok
+    assert resent.report()["chains"][0]["duplicates"] == 3
+
+
+def test_a_deleted_event_is_a_gap():
+    events = _chain(10)
+    verifier = _verify(events[:4] + events[5:])
+    assert not verifier.ok
+    assert verifier.report()["chains"][0]["gaps"] == [(5, 5)]
+    assert "missing events: 5" in verifier.summary()
+
+
+def test_reordering_is_reported():
+    events = _chain(10)
+    events[3], events[4] = events[4], events[3]
+    verifier = _verify(events)
+    assert not verifier.ok
+    assert verifier.report()["chains"][0]["reordered"] == [4]
+
+
+def test_an_edit_is_caught_by_its_own_hash_and_a_rehashed_edit_by_the_next_link():
+    events = _chain(10)
+    events[5] = {**events[5], "n": 999}
+    assert _verify(events).report()["chains"][0]["edited"] == [6]
+    rehashed = _chain(10)
+    rehashed[5] = {**rehashed[5], "n": 999}
+    rehashed[5]["hash"] = event_hash(rehashed[5])
+    report = _verify(rehashed).report()["chains"][0]
+    assert (report["edited"], report["broken_links"]) == ([], [7])
+
+
+def test_a_missing_start_fails_unless_allowed_and_chains_are_separate():
+    events = _chain(10)[3:]
+    assert not _verify(events).ok
+    assert _verify(events, allow_partial_start=True).ok
+    two = _chain(5, "gw-a") + _chain(3, "gw-b")
+    assert _verify(two).ok
+    assert len(_verify(two).chains) == 2
+
+
+def test_same_seq_with_other_content_is_a_conflict_and_junk_is_malformed():
+    events = _chain(4)
+    other = {**events[2], "n": 42}
+    other["hash"] = event_hash(other)
+    assert _verify([*events, other]).report()["chains"][0]["conflicts"] == [3]
+    verifier = _verify(events)
+    verifier.feed(b"not json", "line 99")
+    assert not verifier.ok and verifier.malformed == ["line 99"]
+
+
+def test_the_cli_verifies_a_file(tmp_path, capsys):
+    path = tmp_path / "trail.jsonl"
+    path.write_bytes(b"\n".join(canonical(e) for e in _chain(20)) + b"\n")
+    assert main(["audit", "verify", str(path)]) == 0
+    assert "verify: passed" in capsys.readouterr().out
+    lines = path.read_bytes().splitlines()
+    del lines[10]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert main(["audit", "verify", str(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["chains"][0]["gaps"] == [[11, 11]]
+    assert main(["audit", "verify"]) == 2
+
+
+# --- settings and logs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"audit_sink": "kafka"}, "QUERYGATE_AUDIT_KAFKA_BOOTSTRAP"),
+        ({"audit_fail_open": True}, "QUERYGATE_AUDIT_FAIL_OPEN"),
+        ({"audit_sink": "syslog"}, "QUERYGATE_AUDIT_SINK"),
+        ({"audit_spool_max_bytes": 1000}, "QUERYGATE_AUDIT_SPOOL_MAX_BYTES"),
+        ({"audit_instance_id": "a b"}, "QUERYGATE_AUDIT_INSTANCE_ID"),
+        ({"audit_kafka_security_protocol": "SASL_SSL"}, "QUERYGATE_AUDIT_KAFKA_SASL_MECHANISM"),
+        ({"audit_kafka_security_protocol": "SASL_SSL", "audit_kafka_sasl_mechanism": "PLAIN"},
+         "QUERYGATE_AUDIT_KAFKA_SASL_USERNAME"),
+    ],
+)
+def test_audit_settings_are_checked(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(**overrides)
+
+
+def test_json_log_lines_carry_the_request_id_and_extras():
+    from app.metrics import REQUEST_ID
+
+    record = logging.LogRecord("querygate.x", logging.INFO, __file__, 1, 'say "%s"', ("hi",), None)
+    record.fingerprint = "sha256:abc"
+    token = REQUEST_ID.set("req-1")
+    try:
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["message"] == 'say "hi"'
+    assert (line["request_id"], line["fingerprint"], line["level"]) == ("req-1", "sha256:abc", "INFO")
