@@ -1098,13 +1098,16 @@ def _fingerprint(sql: str) -> str:
     """sha256 of the token stream with literals replaced and case, spacing and comments
     folded, so statements that differ only in values or layout share a fingerprint."""
     parts = []
+    previous = None
     for token in _DIALECT.tokenize(sql):
-        if token.token_type in _LITERAL_TOKENS:
+        if token.token_type in _LITERAL_TOKENS and previous != TokenType.PARAMETER:
+            # ($1 is PARAMETER then NUMBER: its number is the parameter, not a value.)
             parts.append("?")
         elif token.token_type in (TokenType.IDENTIFIER,):
             parts.append(f'"{token.text}"')  # quoted: case matters
         else:
             parts.append(token.text.lower())
+        previous = token.token_type
     return "sha256:" + hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
