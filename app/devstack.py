@@ -67,6 +67,18 @@ def wait_http(url: str, timeout_s: float = 30.0, expect: int = 200) -> None:
     raise StackError(f"{url} did not answer {expect} within {timeout_s:.0f}s (last: {last})")
 
 
+def terminate(process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout_s``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class OpaProcess:
     """A running ``opa run --server``."""
@@ -75,13 +87,7 @@ class OpaProcess:
     url: str
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 10)
         if self.process.stderr is not None:
             self.process.stderr.close()
 
@@ -187,13 +193,7 @@ class GatewayProcess:
     url: str
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 20)
 
 
 def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True) -> GatewayProcess:
@@ -333,13 +333,7 @@ class KafkaBroker:
 
     def stop(self) -> None:
         """A clean shutdown (SIGTERM), or SIGKILL after 30 s."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 30)
         self.process = None
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
