@@ -1250,19 +1250,24 @@ def _same(left: exp.Expr | None, right: exp.Expr | None) -> bool:
     return left == right
 
 
+def _constant(node: exp.Expr) -> bool | None:
+    """The truth value of a condition that mentions no column, parameter or subquery."""
+    if any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
+        return None
+    try:
+        simplified = simplify(node.copy())
+    except Exception:  # a failed simplification just means "not proven"
+        return None
+    return simplified.this if isinstance(simplified, exp.Boolean) else None
+
+
 def _always_false(node: exp.Expr) -> bool:
     node = _strip(node) or node
     if isinstance(node, exp.NEQ) and _same(node.left, node.right):
         return True
     if isinstance(node, exp.Not):
         return _always_true(node.this)
-    if not any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
-        try:
-            simplified = simplify(node.copy())
-        except Exception:
-            return False
-        return isinstance(simplified, exp.Boolean) and simplified.this is False
-    return False
+    return _constant(node) is False
 
 
 def _always_true(node: exp.Expr) -> bool:
@@ -1292,10 +1297,4 @@ def _always_true(node: exp.Expr) -> bool:
         # EXISTS (SELECT …) without FROM or WHERE is a constant truth.
         if isinstance(inner, exp.Select) and not inner.args.get("from_") and not inner.args.get("where"):
             return True
-    if not any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
-        try:
-            simplified = simplify(node.copy())
-        except Exception:
-            return False
-        return isinstance(simplified, exp.Boolean) and simplified.this is True
-    return False
+    return _constant(node) is True

@@ -165,6 +165,15 @@ def base_settings(postgres: Postgres, opa: OpaProcess, keys: Keys) -> dict[str, 
 
 
 @pytest.fixture(scope="session")
+def serve_settings(base_settings: dict[str, Any]) -> dict[str, str]:
+    """base_settings as the QUERYGATE_* strings a `querygate serve` process reads."""
+    return {
+        key: ",".join(value) if isinstance(value, list) else str(value)
+        for key, value in base_settings.items()
+    } | {"log_level": "warning"}
+
+
+@pytest.fixture(scope="session")
 def make_gateway(base_settings: dict[str, Any]) -> Iterator[Callable[..., Gateway]]:
     """Start gateways with settings overrides; all are stopped at the end of the session."""
     started: list[Gateway] = []

@@ -26,7 +26,6 @@ import pytest
 from app.audit import read_topic, verify_topic
 from app.cli import main
 from app.devstack import GatewayProcess, KafkaBroker, start_gateway
-from tests.conftest import AUDIENCE, ISSUER
 from tests.integration.test_audit import event_validator
 
 pytestmark = pytest.mark.integration
@@ -140,21 +139,14 @@ def _verify(kafka: KafkaBroker, topic: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def serve(postgres, opa, keys, kafka, tmp_path_factory):
+def serve(serve_settings, kafka, tmp_path_factory):
     """Start `querygate serve` processes with a Kafka audit sink; all stopped at the end."""
     started: list[GatewayProcess] = []
 
     def start(topic: str, instance: str, spool: Path | None = None, **extra: str) -> GatewayProcess:
         tmp = tmp_path_factory.mktemp(instance)
         settings = {
-            "environment": "staging",
-            "database_url": postgres.app_dsn,
-            "opa_url": opa.url,
-            "jwt_public_key": keys.public_pem,
-            "jwt_issuer": ISSUER,
-            "jwt_audience": AUDIENCE,
-            "jwt_algorithms": "RS256",
-            "log_level": "warning",
+            **serve_settings,
             "audit_sink": "kafka",
             "audit_kafka_bootstrap": kafka.bootstrap,
             "audit_kafka_topic": topic,

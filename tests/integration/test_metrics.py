@@ -16,7 +16,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.devstack import free_port, start_gateway
-from tests.conftest import AUDIENCE, ISSUER
 
 pytestmark = pytest.mark.integration
 
@@ -86,15 +85,10 @@ def test_opa_errors_are_counted(make_gateway, alice):
                  code="policy_unavailable") == 1
 
 
-def test_log_lines_are_json_with_the_request_id(postgres, opa, keys, tmp_path):
+def test_log_lines_are_json_with_the_request_id(serve_settings, tmp_path):
     log_path = tmp_path / "gateway.log"
     gateway = start_gateway(
-        {
-            "environment": "staging", "database_url": postgres.app_dsn, "opa_url": opa.url,
-            "jwt_public_key": keys.public_pem, "jwt_issuer": ISSUER, "jwt_audience": AUDIENCE,
-            "jwt_algorithms": "RS256", "log_level": "info",
-            "audit_spool_dir": str(tmp_path / "spool"),
-        },
+        {**serve_settings, "log_level": "info", "audit_spool_dir": str(tmp_path / "spool")},
         log_path,
     )
     try:

@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 from app.devstack import start_gateway
-from tests.conftest import AUDIENCE, ISSUER
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +32,8 @@ def events(db):
 
 
 @pytest.fixture(scope="module")
-def served_gateway(events, postgres, opa, keys, tmp_path_factory):
-    gateway = start_gateway(
-        {
-            "environment": "staging",
-            "database_url": postgres.app_dsn,
-            "opa_url": opa.url,
-            "jwt_public_key": keys.public_pem,
-            "jwt_issuer": ISSUER,
-            "jwt_audience": AUDIENCE,
-            "jwt_algorithms": "RS256",
-            "log_level": "warning",
-        },
-        tmp_path_factory.mktemp("gw") / "gateway.log",
-    )
+def served_gateway(events, serve_settings, tmp_path_factory):
+    gateway = start_gateway(serve_settings, tmp_path_factory.mktemp("gw") / "gateway.log")
     yield gateway.process, gateway.url
     gateway.stop()
 
