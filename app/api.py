@@ -44,7 +44,7 @@ from app.errors import (
     Unavailable,
     Unprocessable,
 )
-from app.executor import Executor, Result
+from app.executor import Executor, Result, connection_settings
 from app.facts import FactsExtractor, QueryFacts
 from app.identity import Authenticator, Identity
 from app.metrics import CONTENT_TYPE_LATEST, REQUEST_ID, Metrics, MetricsMiddleware, StageClock
@@ -114,12 +114,16 @@ class Gateway:
             max_size=settings.db_pool_max,
             timeout=settings.db_connect_timeout_ms / 1000,
             # Resolution in the extractor assumes exactly this search path.
-            server_settings={"search_path": search_path, "application_name": "querygate"},
+            server_settings={
+                "search_path": search_path,
+                "application_name": "querygate",
+                **connection_settings(settings.statement_timeout_ms),
+            },
         )
         await self._check_login_role()
         self.approvals = ApprovalStore(self.pool)
         await self.approvals.migrate()
-        self.executor = Executor(self.pool, settings.statement_timeout_ms)
+        self.executor = Executor(self.pool)
         await self.refresh_catalog()
 
     async def _check_login_role(self) -> None:
@@ -637,7 +641,7 @@ def create_app(settings: Settings) -> FastAPI:
             # the one conditional UPDATE that makes an approval single-use.
             await gateway.approvals.claim(ev.approval, list(body.params))
             await _approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
-        plans: list[masking.MaskPlan] = []
+        plans: list[masking.MaskPlan] = []  # the last is the one applied (run may retry)
 
         def planner(columns: tuple[Any, ...]) -> masking.MaskPlan:
             with audit.clock.timer("masking"):
@@ -674,12 +678,12 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await audit.executed(
                 outcome="ok", rows_returned=len(result.rows), rows_affected=result.rows_affected,
-                truncated=result.truncated, masked=plans[0].masked,
+                truncated=result.truncated, masked=plans[-1].masked,
             )
         except GatewayError:
             # The statement ran (its allow decision is on record): answer it all the same.
             log.error("the outcome of request %s could not be audited", ev.request_id)
-        return render(_result_body(result, decision, plans[0]))
+        return render(_result_body(result, decision, plans[-1]))
 
     async def _approval_for(
         request: Request, approval_id: str, audit: RequestAudit

@@ -35,6 +35,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -98,6 +99,9 @@ _LITERALS = frozenset({
 })
 
 
+# A pure function of the text, and services repeat their statements: the same LRU idea as
+# the facts cache (bounded: 512 texts of at most QUERYGATE_MAX_SQL_BYTES each).
+@functools.lru_cache(maxsize=512)
 def redact_sql(sql: str) -> str | None:
     """The SQL text with every literal replaced by ``?`` and comments dropped.
 

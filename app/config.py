@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     jwt_audience: str = "querygate"
     jwt_leeway_s: int = Field(30, ge=0, le=300)
     max_token_bytes: int = Field(8192, ge=256, le=65_536)
+    # Verified tokens are remembered (by their exact text) for at most this many seconds and
+    # never past their exp, so a repeated token skips the signature check (docs/identity.md).
+    # A rotated-out key or a changed trust configuration still takes effect at once. 0 = off.
+    auth_cache_ttl_s: int = Field(30, ge=0, le=300)
+    auth_cache_size: int = Field(4096, ge=0, le=100_000)
     dev_signing_key_file: Path = Path(".querygate/dev/signing-key.pem")
 
     max_sql_bytes: int = Field(65_536, ge=64, le=10_000_000)

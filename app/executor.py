@@ -3,8 +3,11 @@
 - Always the extended protocol (prepare, then fetch through a cursor): one statement only,
   parameters bound by the server, never interpolated into the text.
 - Reads run in a READ ONLY transaction, so a write the extractor missed still fails.
-- ``statement_timeout`` is set per transaction; results are capped at max_rows + 1 rows to
-  report ``truncated`` without reading the rest.
+- ``statement_timeout`` is a setting of every pool connection (``connection_settings``), not
+  a ``SET LOCAL`` per transaction: one round trip less per request (make bench), and no
+  statement can change it, since SET and set_config() never pass the extractor and the pool's
+  RESET ALL on release restores it. Results are capped at max_rows + 1 rows to report
+  ``truncated`` without reading the rest.
 - PostgreSQL errors become 4xx GatewayErrors carrying the server's message and SQLSTATE,
   never the DSN or a stack trace.
 """
@@ -136,12 +139,30 @@ def _convert(value: Any, type_name: str) -> Any:
 Planner = Callable[[tuple[Column, ...]], Any]
 
 
-class Executor:
-    """Runs governed statements on a pool of connections."""
+async def _prepare(conn: asyncpg.Connection, sql: str) -> Any:
+    """The statement from the connection's statement cache, prepared on first use.
 
-    def __init__(self, pool: asyncpg.Pool, statement_timeout_ms: int) -> None:
+    asyncpg's public ``prepare()`` bypasses its statement cache: every call parses and
+    describes anew and closes the statement later, two round trips and ~13% of the
+    gateway's CPU per request (make bench, docs/benchmarks.md). ``fetch()`` and cursors use
+    the cache (per connection, LRU, ``statement_cache_size``); ``_prepare(use_cache=True)``
+    is its entry point for an explicit statement. A cached statement is safe to share:
+    search_path is pinned per connection, privileges are checked at every execution, and a
+    schema change invalidates it (``InvalidCachedStatementError``, retried once by ``run``).
+    """
+    return await conn._prepare(sql, use_cache=True)
+
+
+def connection_settings(statement_timeout_ms: int) -> dict[str, str]:
+    """Server settings every connection of the executor's pool must be opened with."""
+    return {"statement_timeout": str(int(statement_timeout_ms))}
+
+
+class Executor:
+    """Runs governed statements on a pool opened with ``connection_settings``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._timeout_ms = int(statement_timeout_ms)
 
     @contextlib.asynccontextmanager
     async def _prepared(
@@ -152,19 +173,17 @@ class Executor:
         try:
             async with self._pool.acquire() as conn:
                 async with conn.transaction(readonly=readonly):
-                    # An integer from validated settings: nothing user-controlled is formatted.
-                    await conn.execute(f"SET LOCAL statement_timeout = {self._timeout_ms}")
                     if db_role is not None:
                         # Least privilege in the database as well: the decision's role, for
                         # this transaction only. The name was validated as a plain identifier.
                         await conn.execute(f'SET LOCAL ROLE "{db_role}"')
-                    statement = await conn.prepare(sql)
+                    statement = await _prepare(conn, sql)
                     columns = tuple(
                         Column(attr.name, attr.type.name) for attr in statement.get_attributes()
                     )
                     cross_check(facts, columns)
                     yield conn, statement, columns
-        except GatewayError:
+        except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
@@ -187,6 +206,29 @@ class Executor:
         masking plan; it may refuse (raise), and then nothing has run. A write that affects
         more than ``max_rows_affected`` rows is rolled back.
         """
+        try:
+            return await self._run(sql, params, facts, max_rows, planner, db_role,
+                                   max_rows_affected)
+        except asyncpg.InvalidCachedStatementError:
+            # A schema change invalidated the cached statement; asyncpg has dropped it and
+            # the transaction rolled back, so nothing ran: prepare afresh, once.
+            pass
+        try:
+            return await self._run(sql, params, facts, max_rows, planner, db_role,
+                                   max_rows_affected)
+        except asyncpg.InvalidCachedStatementError as exc:
+            raise _server_error(exc) from exc
+
+    async def _run(
+        self,
+        sql: str,
+        params: Sequence[Any],
+        facts: QueryFacts,
+        max_rows: int,
+        planner: Planner,
+        db_role: str | None,
+        max_rows_affected: int | None,
+    ) -> Result:
         writes = facts.kind in ("insert", "update", "delete", "merge")
         try:
             async with self._prepared(sql, facts, db_role) as (_, statement, columns):
@@ -215,7 +257,7 @@ class Executor:
                         rows_affected=affected,
                         max_rows_affected=max_rows_affected,
                     )
-        except GatewayError:
+        except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc

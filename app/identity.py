@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -527,6 +528,52 @@ def _static_key(pem: bytes) -> VerificationKey:
     return VerificationKey(key)
 
 
+@dataclass(slots=True)
+class _Verified:
+    """A token that passed every check, and what must still hold for it to pass again."""
+
+    identity: Identity
+    issuer: TrustedIssuer
+    kid: str | None
+    key: VerificationKey
+    exp: float
+    until: float
+
+
+class _VerifiedTokens:
+    """A bounded LRU of verified tokens, keyed by the token's exact text.
+
+    Only successes are kept, and only until the earlier of their exp and ``ttl_s`` from
+    now; nbf is not re-checked because a token is cached only after it passed nbf. Signature,
+    issuer, audience, algorithm and environment checks depend on nothing but the text and
+    the configuration, which is fixed for the process; the key is re-checked on every hit.
+    """
+
+    def __init__(self, size: int, ttl_s: int) -> None:
+        self._size = size if ttl_s > 0 else 0
+        self._ttl = float(ttl_s)
+        self._entries: OrderedDict[str, _Verified] = OrderedDict()
+
+    def get(self, token: str) -> _Verified | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        if time.time() >= entry.until:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
+        return entry
+
+    def put(self, token: str, entry: _Verified) -> None:
+        if not self._size:
+            return
+        entry.until = min(entry.exp, time.time() + self._ttl)
+        self._entries[token] = entry
+        self._entries.move_to_end(token)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class Authenticator:
     """Verifies callers: bearer tokens, on-behalf-of tokens and mesh client certificates."""
 
@@ -543,6 +590,7 @@ class Authenticator:
         self._client_cert_header = settings.mtls_header.lower()
         self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cache = _VerifiedTokens(settings.auth_cache_size, settings.auth_cache_ttl_s)
         default_claims = ClaimsMapping(
             groups=tuple(settings.jwt_groups_claims),
             roles=tuple(settings.jwt_roles_claims),
@@ -685,6 +733,16 @@ class Authenticator:
         """Verify one JWT against its issuer's keys and map it to an Identity."""
         if len(token) > self._max_bytes:
             raise Unauthenticated("invalid_token", "the token is larger than allowed")
+        hit = self._cache.get(token)
+        # A hit counts only while the key that verified it is still the issuer's key for
+        # that kid: a key rotated out of the JWKS ends its tokens' hits at once.
+        if hit is not None and await hit.issuer.keys.get(hit.kid) is hit.key:
+            return hit.identity
+        identity, entry = await self._verify(token)
+        self._cache.put(token, entry)
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, _Verified]:
         try:
             unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
@@ -724,7 +782,8 @@ class Authenticator:
             # without echoing the token, so they are safe to return.
             raise Unauthenticated("invalid_token", f"the token is not valid: {exc}") from exc
         self._check_environment(claims, issuer)
-        return identity_from_claims(claims, issuer.kind, issuer.claims)
+        identity = identity_from_claims(claims, issuer.kind, issuer.claims)
+        return identity, _Verified(identity, issuer, kid, key, float(claims["exp"]), 0.0)
 
     def _check_environment(self, claims: dict[str, Any], issuer: TrustedIssuer) -> None:
         value = claim(claims, self._environment_claim)
