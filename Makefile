@@ -143,14 +143,24 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
 
+# wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
+.PHONY: wrk
+wrk: ## install the wrk load generator from Debian's packages when it is missing
+	@command -v wrk >/dev/null || { \
+	  echo "wrk: installing Debian's package"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }; }
+	@command -v wrk >/dev/null || { echo "wrk: could not be installed (apt-get install wrk)"; exit 1; }
+
+# BENCH_ARGS, e.g. BENCH_ARGS="--duration 20": see `.venv/bin/python -m bench.load_bench -h`.
+BENCH_ARGS ?=
 .PHONY: bench
-bench: venv $(OPA) ## facts (cold/cached), OPA round trip, 1M-row masked NDJSON stream
-	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/facts_bench.py
-	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/opa_decision_bench.py 2000
-	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) bench/stream_bench.py 1000000
+bench: venv $(OPA) wrk ## direct vs passthrough vs querygate under load, 1M-row stream: one report
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.load_bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## remove local state (not the OPA build cache)

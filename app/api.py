@@ -44,7 +44,7 @@ from app.errors import (
     Unavailable,
     Unprocessable,
 )
-from app.executor import Executor, Result, connection_settings
+from app.executor import CleanSessions, Executor, Result, connection_settings
 from app.facts import FactsExtractor, QueryFacts
 from app.identity import Authenticator, Identity
 from app.metrics import CONTENT_TYPE_LATEST, REQUEST_ID, Metrics, MetricsMiddleware, StageClock
@@ -108,6 +108,7 @@ class Gateway:
         settings = self.settings
         assert settings.database_url is not None
         search_path = ", ".join(['"pg_catalog"', *(f'"{s}"' for s in settings.schemas), '"pg_temp"'])
+        sessions = CleanSessions()
         self.pool = await asyncpg.create_pool(
             settings.database_url.get_secret_value(),
             min_size=settings.db_pool_min,
@@ -119,11 +120,13 @@ class Gateway:
                 "application_name": "querygate",
                 **connection_settings(settings.statement_timeout_ms),
             },
+            init=sessions.forget,
+            reset=sessions.reset,
         )
         await self._check_login_role()
         self.approvals = ApprovalStore(self.pool)
         await self.approvals.migrate()
-        self.executor = Executor(self.pool)
+        self.executor = Executor(self.pool, sessions)
         await self.refresh_catalog()
 
     async def _check_login_role(self) -> None:

@@ -158,11 +158,42 @@ def connection_settings(statement_timeout_ms: int) -> dict[str, str]:
     return {"statement_timeout": str(int(statement_timeout_ms))}
 
 
-class Executor:
-    """Runs governed statements on a pool opened with ``connection_settings``."""
+class CleanSessions:
+    """The pool's reset: skip it for a session whose last use was a governed read.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    asyncpg resets every connection it takes back (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL): a round trip per request. A SELECT the executor ran in a READ ONLY
+    transaction cannot have left session state behind: SET, LISTEN, DECLARE, PREPARE and
+    temporary tables never pass the extractor, set_config() and advisory locks are denied
+    by the gateway whatever policy allows, and SET LOCAL ROLE ends with the transaction.
+    Every other use (writes, DDL, approvals, the catalog, a failed read) is reset in full.
+    Marks are by backend pid, consumed at release; a new connection clears its pid's mark.
+    """
+
+    def __init__(self) -> None:
+        self._pids: set[int] = set()
+
+    def mark(self, conn: asyncpg.Connection) -> None:
+        self._pids.add(conn.get_server_pid())
+
+    async def forget(self, conn: asyncpg.Connection) -> None:
+        self._pids.discard(conn.get_server_pid())
+
+    async def reset(self, conn: asyncpg.Connection) -> None:
+        pid = conn.get_server_pid()
+        if pid in self._pids:
+            self._pids.discard(pid)
+            return
+        await conn.reset()
+
+
+class Executor:
+    """Runs governed statements on a pool opened with ``connection_settings`` (and, for the
+    cheap release of reads, ``CleanSessions`` as its reset)."""
+
+    def __init__(self, pool: asyncpg.Pool, sessions: CleanSessions | None = None) -> None:
         self._pool = pool
+        self._sessions = sessions
 
     @contextlib.asynccontextmanager
     async def _prepared(
@@ -172,17 +203,27 @@ class Executor:
         readonly = facts.kind == "select" and not facts.tables_write
         try:
             async with self._pool.acquire() as conn:
-                async with conn.transaction(readonly=readonly):
-                    if db_role is not None:
-                        # Least privilege in the database as well: the decision's role, for
-                        # this transaction only. The name was validated as a plain identifier.
-                        await conn.execute(f'SET LOCAL ROLE "{db_role}"')
-                    statement = await _prepare(conn, sql)
-                    columns = tuple(
-                        Column(attr.name, attr.type.name) for attr in statement.get_attributes()
-                    )
-                    cross_check(facts, columns)
-                    yield conn, statement, columns
+                try:
+                    async with conn.transaction(readonly=readonly):
+                        if db_role is not None:
+                            # Least privilege in the database as well: the decision's role,
+                            # for this transaction only. The name was validated as a plain
+                            # identifier.
+                            await conn.execute(f'SET LOCAL ROLE "{db_role}"')
+                        statement = await _prepare(conn, sql)
+                        columns = tuple(
+                            Column(attr.name, attr.type.name)
+                            for attr in statement.get_attributes()
+                        )
+                        cross_check(facts, columns)
+                        yield conn, statement, columns
+                except asyncpg.InvalidCachedStatementError:
+                    # Unlike fetch(), the cursor path leaves the stale statement cached.
+                    await conn.reload_schema_state()
+                    raise
+                if readonly and self._sessions is not None:
+                    # Committed, and it was a read: nothing to reset (CleanSessions).
+                    self._sessions.mark(conn)
         except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:

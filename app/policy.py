@@ -224,10 +224,10 @@ class _Answer(asyncio.Protocol):
         self.close()
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        self._chunks, self._size, self.received = [], 0, False
         if self._transport is None:
             raise ConnectionResetError("OPA closed the connection")
         self._waiter = asyncio.get_running_loop().create_future()
-        self._chunks, self._size, self.received = [], 0, False
         self._transport.write(request)
         return await self._waiter
 

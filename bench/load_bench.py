@@ -176,7 +176,8 @@ async def _direct(dsn: str, w: Workload, clients: int, seconds: float) -> tuple[
 
 
 def run_direct(dsn: str, w: Workload, clients: int, seconds: float, warmup: float) -> Row:
-    asyncio.run(_direct(dsn, w, clients, warmup))
+    if warmup > 0:
+        asyncio.run(_direct(dsn, w, clients, warmup))
     started = time.perf_counter()
     count, samples = asyncio.run(_direct(dsn, w, clients, seconds))
     elapsed = time.perf_counter() - started
@@ -485,9 +486,12 @@ def opa_round_trip(opa_url: str, n: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of warm-up per run (0: none)")
     parser.add_argument("--clients", default="1,16", help="concurrency levels, comma-separated")
     parser.add_argument("--stream-rows", type=int, default=1_000_000)
+    parser.add_argument("--opa-calls", type=int, default=2000,
+                        help="decisions timed for the OPA round-trip target")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -522,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 by_target = {}
                 for target, server, token in (("passthrough", passthrough, ""),
                                               ("querygate", querygate, tokens[w.user])):
-                    run_wrk(server.url, w, clients, args.warmup, token)
+                    if args.warmup > 0:
+                        run_wrk(server.url, w, clients, args.warmup, token)
                     before = stage_totals(querygate.url)
                     row = wrk_row(run_wrk(server.url, w, clients, args.duration, token),
                                   w, clients, target)
@@ -548,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.facts_bench import SIMPLE, measure
 
         _, cached_us = measure(SIMPLE, 50)
-        opa_p50_ms = opa_round_trip(opa.url, 2000)
+        opa_p50_ms = opa_round_trip(opa.url, args.opa_calls)
         point = {(r.target, r.clients): r for r in rows if r.workload == "point"}
         top = max(levels)
         qg, pt = point[("querygate", top)], point[("passthrough", top)]

@@ -1,18 +1,21 @@
-"""Decision round trip to a real OPA: the gateway's keep-alive httpx client against
-opa-python-client's AsyncOpaClient, same input, same OPA process, same run.
+"""Decision round trip to a real OPA, three clients on the same input, OPA process and run:
+the gateway's PolicyClient (DecisionTransport), opa-python-client's AsyncOpaClient (aiohttp)
+and a keep-alive httpx client. Wall time per call and this process's CPU per call: the
+gateway's CPU is what bounds its throughput.
 
     .venv/bin/python bench/opa_decision_bench.py [N]
 """
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import sys
 import time
 
 import httpx
 import orjson
+import uvloop
+from opa_client import AsyncOpaClient
 
 from app.devstack import start_opa
 from app.policy import PolicyClient, parse_decision
@@ -37,16 +40,25 @@ INPUT = {
 }
 
 
-def report(name: str, samples: list[float]) -> None:
+def report(name: str, samples: list[float], cpu_s: float) -> None:
     samples.sort()
     p = lambda q: samples[int(q * (len(samples) - 1))] * 1000  # noqa: E731
-    print(f"{name:<28} p50 {p(0.5):7.3f} ms   p95 {p(0.95):7.3f} ms   "
-          f"mean {statistics.mean(samples) * 1000:7.3f} ms")
+    print(f"{name:<30} p50 {p(0.5):7.3f} ms   p95 {p(0.95):7.3f} ms   "
+          f"mean {statistics.mean(samples) * 1000:7.3f} ms   "
+          f"client CPU {cpu_s / len(samples) * 1e6:5.0f} µs/call")
 
 
 async def run(url: str, n: int) -> None:
     gateway_client = PolicyClient(url, "querygate/decision", timeout_ms=2000)
+    host, port = url.rsplit("/", 1)[1].split(":")
+    opa_client = AsyncOpaClient(host=host, port=int(port), retries=0, timeout=2)
+    await opa_client._init_session()
     httpx_client = httpx.AsyncClient(timeout=2, limits=httpx.Limits(max_keepalive_connections=8))
+
+    async def via_opa_client() -> object:
+        payload = await opa_client.query_rule(INPUT, "querygate", "decision",
+                                              query_params={"provenance": True})
+        return parse_decision(payload["result"], "x")
 
     async def via_httpx() -> object:
         response = await httpx_client.post(
@@ -56,21 +68,25 @@ async def run(url: str, n: int) -> None:
         return parse_decision(orjson.loads(response.content)["result"], "x")
 
     try:
-        for _ in range(200):  # warm both connection pools and OPA
+        for _ in range(200):  # warm every connection pool and OPA
             await gateway_client.decide(INPUT)
+            await via_opa_client()
             await via_httpx()
         for label, call in (
-            ("opa-python-client (hot path)", lambda: gateway_client.decide(INPUT)),
+            ("PolicyClient (hot path)", lambda: gateway_client.decide(INPUT)),
+            ("opa-python-client (aiohttp)", via_opa_client),
             ("httpx keep-alive", via_httpx),
         ):
             samples = []
+            cpu = time.process_time()
             for _ in range(n):
                 start = time.perf_counter()
                 await call()
                 samples.append(time.perf_counter() - start)
-            report(label, samples)
+            report(label, samples, time.process_time() - cpu)
     finally:
         await gateway_client.close()
+        await opa_client.close_connection()
         await httpx_client.aclose()
 
 
@@ -78,7 +94,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     opa = start_opa()
     try:
-        asyncio.run(run(opa.url, n))
+        uvloop.run(run(opa.url, n))  # the gateway's event loop
     finally:
         opa.stop()
 

@@ -231,3 +231,84 @@ async def test_a_service_account_token_from_the_cluster_issuer(make_idp):
         await refused(auth, cluster.sa_token(key, "shop", "checkout", aud="https://kubernetes.default.svc"))
     finally:
         await auth.close()
+
+
+# --- the verified-token cache (QUERYGATE_AUTH_CACHE_*) -------------------------------------
+
+@pytest.fixture
+def signature_checks(monkeypatch) -> list[str]:
+    """Every full verification (jwt.decode with a key) the authenticator performs."""
+    import jwt
+
+    calls: list[str] = []
+    real = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(token)
+        return real(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return calls
+
+
+async def test_a_verified_token_is_remembered_until_its_key_leaves_the_key_set(
+    idp, signature_checks
+):
+    old, new = SigningKey("old"), SigningKey("new")
+    idp.publish(old, new)
+    async with started(idp) as auth:
+        token = idp.token(old, "alice", ["analysts"])
+        for _ in range(3):
+            assert (await auth.verify_token(token)).groups == ("analysts",)
+        assert len(signature_checks) == 1
+        # The IdP rotates the old key out; once the gateway's key set has it, a remembered
+        # token signed with that key is refused at once, not when its entry would expire.
+        idp.publish(new)
+        await jwks(auth, idp).refresh()
+        await refused(auth, token)
+        fresh = idp.token(new, "alice", ["analysts"])
+        assert (await auth.verify_token(fresh)).sub == "alice"
+
+
+async def test_a_remembered_token_is_verified_again_after_the_ttl_or_its_exp(
+    idp, signature_checks, monkeypatch
+):
+    key = SigningKey("k")
+    idp.publish(key)
+    clock = [time.time()]
+    monkeypatch.setattr("app.identity.time.time", lambda: clock[0])
+    async with started(idp, auth_cache_ttl_s=10) as auth:
+        long_lived = idp.token(key, "alice", ["analysts"])  # exp in 600 s
+        short_lived = idp.token(key, "bob", ["analysts"], exp=int(clock[0]) + 3)
+        for token in (long_lived, short_lived, long_lived, short_lived):
+            await auth.verify_token(token)
+        assert len(signature_checks) == 2
+        clock[0] += 4  # past bob's exp, within the TTL
+        await auth.verify_token(long_lived)
+        assert len(signature_checks) == 2
+        # bob's entry is gone: verified in full again (PyJWT's own clock still accepts it).
+        await auth.verify_token(short_lived)
+        assert len(signature_checks) == 3
+        clock[0] += 7  # past the TTL of alice's entry
+        await auth.verify_token(long_lived)
+        assert len(signature_checks) == 4
+
+
+async def test_the_cache_can_be_turned_off(idp, signature_checks):
+    key = SigningKey("k")
+    idp.publish(key)
+    async with started(idp, auth_cache_ttl_s=0) as auth:
+        token = idp.token(key, "alice", ["analysts"])
+        for _ in range(3):
+            await auth.verify_token(token)
+        assert len(signature_checks) == 3
+
+
+async def test_refusals_are_never_remembered(idp, signature_checks):
+    key, stranger = SigningKey("k"), SigningKey("stranger")
+    idp.publish(key)
+    async with started(idp) as auth:
+        forged = idp.token(stranger, "mallory", ["dba"], header={"kid": key.kid})
+        for _ in range(2):
+            await refused(auth, forged)
+        assert len(signature_checks) == 2
