@@ -107,6 +107,7 @@ class Metrics:
             "failed deliveries to Kafka (each is retried from the spool), by error",
             ["error"], registry=r,
         )
+        self._stages: dict[str, Any] = {}
         self._spool = _SpoolCollector()
         r.register(self._spool)
 
@@ -115,7 +116,12 @@ class Metrics:
         self._spool.source = source
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_seconds.labels(stage).observe(seconds)
+        # labels() builds a key and takes a lock on every call; a handful of stages are
+        # observed several times per request, so their children are kept.
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.stage_seconds.labels(stage)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format."""

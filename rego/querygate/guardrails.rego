@@ -21,7 +21,7 @@ bounded_where if {
 # DROP, TRUNCATE, ALTER … DROP, ALTER … TYPE (which rewrites every value) and anything
 # CASCADE destroy data beyond recovery.
 deny contains {"rule": "destructive_ddl", "message": msg} if {
-	is_ddl
+	input.query.kind == "ddl"
 	destructive_ddl
 	input.environment in guard.destructive_ddl_environments
 	msg := sprintf("destructive DDL is never allowed in %s", [input.environment])
@@ -39,14 +39,14 @@ destructive_ddl if "cascade" in input.query.ddl.actions
 
 # Schema changes in these environments go through the migration identity only.
 deny contains {"rule": "ddl_requires_migration_identity", "message": msg} if {
-	is_ddl
+	input.query.kind == "ddl"
 	input.environment in guard.migration_environments
 	not is_migrator
 	msg := sprintf("DDL in %s is only for the migration identity", [input.environment])
 }
 
 permit contains {"rule": "migration_ddl", "message": msg} if {
-	is_ddl
+	input.query.kind == "ddl"
 	input.environment in guard.migration_environments
 	is_migrator
 	msg := sprintf("the migration identity may run DDL in %s", [input.environment])
@@ -96,7 +96,7 @@ max_rows_affected := guard.max_rows_affected if is_write
 default db_role := null
 
 db_role := roles[0] if {
-	roles := [r | some g in sort([g | some g in groups]); r := guard.db_roles[g]]
+	roles := [r | some g in sorted_groups; r := guard.db_roles[g]]
 	count(roles) > 0
 }
 

@@ -16,10 +16,12 @@ column_class[col] := cls if {
 	cls := cfg.classification[col]
 }
 
+# The lookup comes before the negation so that `not has_data_class` is only
+# evaluated for the columns the gateway did classify, not for every column read.
 column_class[col] := cls if {
 	some col in input.query.columns.read
-	not has_data_class(col)
 	cls := input.classification[col]
+	not has_data_class(col)
 }
 
 has_data_class(col) if cfg.classification[col]
@@ -47,7 +49,7 @@ class_within(cls, prefix) if startswith(cls, concat("", [prefix, "."]))
 # count) comes before the per-class one. Groups are sorted so two memberships
 # always resolve the same way.
 group_overrides := [s |
-	some g in sort([g | some g in groups])
+	some g in sorted_groups
 	s := cfg.masking.group_strategies[g]
 ]
 
@@ -72,7 +74,14 @@ derived_mask := cfg.masking.derived
 # inference, so the gateway denies it — except for the columns listed here:
 # for named groups, and for hash-masked columns used only as equality join
 # keys (equal hashes reveal no more than the join itself).
+#
+# `count(masks) > 0` comes first so that `masks` is evaluated once, as a whole, and
+# `masks[col]` below is a lookup in it. Without it each predicate column would
+# evaluate the masking rules for that one column (`decision` asks for this rule
+# before `masks`), and then `masks` would evaluate them all again. It also ends
+# the rule at once when nothing is masked, which is the common case.
 masked_predicates_allowed contains col if {
+	count(masks) > 0
 	some col in input.query.columns.predicate
 	masks[col]
 	predicate_exempt(col)
@@ -92,6 +101,7 @@ predicate_exempt(col) if {
 # way: `INSERT INTO orders (status) SELECT ssn FROM customers` would make SSNs readable as
 # order statuses. Values may move between columns of the same class.
 deny contains {"rule": "masked_value_copied", "message": msg} if {
+	count(masks) > 0 # masks as a whole, once (see masked_predicates_allowed)
 	some target, sources in input.query.columns.write_sources
 	some src in sources
 	masks[src]
