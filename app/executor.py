@@ -247,18 +247,16 @@ class Executor:
         masking plan; it may refuse (raise), and then nothing has run. A write that affects
         more than ``max_rows_affected`` rows is rolled back.
         """
-        try:
-            return await self._run(sql, params, facts, max_rows, planner, db_role,
-                                   max_rows_affected)
-        except asyncpg.InvalidCachedStatementError:
-            # A schema change invalidated the cached statement; asyncpg has dropped it and
-            # the transaction rolled back, so nothing ran: prepare afresh, once.
-            pass
-        try:
-            return await self._run(sql, params, facts, max_rows, planner, db_role,
-                                   max_rows_affected)
-        except asyncpg.InvalidCachedStatementError as exc:
-            raise _server_error(exc) from exc
+        for attempt in (1, 2):
+            try:
+                return await self._run(sql, params, facts, max_rows, planner, db_role,
+                                       max_rows_affected)
+            except asyncpg.InvalidCachedStatementError as exc:
+                # A schema change invalidated the cached statement: the transaction rolled
+                # back, so nothing ran, and _prepared dropped the cache. Prepare afresh, once.
+                if attempt == 2:
+                    raise _server_error(exc) from exc
+        raise AssertionError("unreachable")
 
     async def _run(
         self,
