@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
-from sqlglot.dialects.postgres import Postgres
-from sqlglot.tokens import TokenType  # type: ignore[attr-defined]
+import postgast
+from postgast.pg_query_pb2 import Token
 
 from app.config import ConfigError, Settings
 from app.errors import GatewayError, Unauthenticated, Unavailable
@@ -91,12 +91,16 @@ def event_hash(event: Mapping[str, Any]) -> str:
 
 # --- redacted SQL -------------------------------------------------------------------------
 
-_DIALECT = Postgres()
-_LITERALS = frozenset({
-    TokenType.NUMBER, TokenType.STRING, TokenType.NATIONAL_STRING, TokenType.RAW_STRING,
-    TokenType.NATIONAL_RAW_STRING, TokenType.HEREDOC_STRING, TokenType.BIT_STRING,
-    TokenType.HEX_STRING, TokenType.BYTE_STRING, TokenType.UNICODE_STRING,
-})
+# What PostgreSQL's own scanner (libpg_query's, through postgast) reads as a literal: every
+# string form ('…', E'…', U&'…', N'…' after its NCHAR, $$…$$, $tag$…$tag$, each piece of a
+# 'a' 'b' continuation), bit and hex strings (B'…', X'…') and every number (0x1F, 0o17,
+# 0b101, 1_000, 1.5e10, .5). $1 is PARAM, never a literal.
+_SQL_LITERALS = frozenset(
+    Token.Value(kind) for kind in ("SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST")
+)
+_SQL_COMMENTS = frozenset({Token.Value("SQL_COMMENT"), Token.Value("C_COMMENT")})
+_NCHAR = Token.Value("NCHAR")
+_MAX_RESCANS = 8
 
 
 # A pure function of the text, and services repeat their statements: the same LRU idea as
@@ -105,52 +109,50 @@ _LITERALS = frozenset({
 def redact_sql(sql: str) -> str | None:
     """The SQL text with every literal replaced by ``?`` and comments dropped.
 
-    Layout and identifiers are kept; ``$1`` placeholders stay. Text the tokenizer cannot
-    read gives None: the event then carries no SQL rather than unredacted SQL.
+    Literals are what PostgreSQL's scanner says they are. Layout, keywords, operators and
+    identifiers are kept; ``$1`` placeholders stay. From the point where the scanner gives up
+    (an unterminated quote, trailing junk after a number) the rest of the text is one
+    ``?``; text that cannot be scanned at all gives None: the event then carries no SQL
+    rather than unredacted SQL.
     """
     try:
-        tokens = _DIALECT.tokenize(sql)
-    except Exception:
+        sql.encode("utf-8")
+    except UnicodeError:  # a lone surrogate: not text PostgreSQL could receive
         return None
+    text, truncated = sql, False
+    for _ in range(_MAX_RESCANS):
+        try:
+            tokens = postgast.scan(text).tokens
+        except postgast.PgQueryError as exc:
+            # A 1-based byte offset of the token the scanner refused: rescan what precedes it.
+            data = text.encode("utf-8")
+            position = exc.cursorpos - 1
+            if not 0 <= position < len(data):
+                return None
+            text, truncated = data[:position].decode("utf-8", errors="ignore"), True
+            continue
+        redacted = _redact_tokens(text.encode("utf-8"), tokens)
+        return f"{redacted.rstrip()} ?".strip() if truncated else redacted.strip()
+    return None
+
+
+def _redact_tokens(data: bytes, tokens: Iterable[Any]) -> str:
+    """Rebuild the text from scanner tokens (byte offsets into ``data``): literals become
+    ``?``, whitespace between tokens stays, a comment becomes one space."""
     out: list[str] = []
     pos = 0
-    previous = None
     for token in tokens:
-        original = sql[token.start : token.end + 1]
-        literal = token.token_type in _LITERALS and not (
-            # `$1` is PARAMETER `$` then NUMBER `1`: a placeholder, not a value.
-            previous is not None
-            and previous.token_type == TokenType.PARAMETER
-            and previous.end + 1 == token.start
-        )
-        if not literal and original.lower() != token.text.lower() and not (
-            token.token_type == TokenType.IDENTIFIER and token.text in original
-        ):
-            # Positions that do not line up with the text: never guess, rebuild from tokens.
-            return _redact_from_tokens(tokens)
-        gap = sql[pos : token.start]
-        # Whitespace stays; a comment (the only other thing between tokens) becomes a space.
-        out.append(gap if not gap.strip() else " ")
-        out.append("?" if literal else original)
-        pos = token.end + 1
-        previous = token
-    return "".join(out).strip()
-
-
-def _redact_from_tokens(tokens: Iterable[Any]) -> str:
-    parts = []
-    previous = None
-    for token in tokens:
-        if token.token_type in _LITERALS and not (
-            previous is not None and previous.token_type == TokenType.PARAMETER
-        ):
-            parts.append("?")
-        elif token.token_type == TokenType.IDENTIFIER:
-            parts.append('"' + token.text.replace('"', '""') + '"')
-        else:
-            parts.append(token.text)
-        previous = token
-    return " ".join(parts)
+        kind = token.token
+        if kind in _SQL_COMMENTS:
+            continue  # part of the gap before the next token
+        gap = data[pos : token.start]
+        out.append(gap.decode("utf-8", errors="replace") if not gap.strip() else " ")
+        if kind in _SQL_LITERALS:
+            out.append("?")
+        elif kind != _NCHAR:  # N'…': the N and its string are one literal, one "?"
+            out.append(data[token.start : token.end].decode("utf-8", errors="replace"))
+        pos = token.end
+    return "".join(out)
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,15 +36,33 @@ from sqlglot.errors import OptimizeError, ParseError, SqlglotError, TokenError
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
-from sqlglot.optimizer.simplify import simplify
 from sqlglot.schema import MappingSchema
 from sqlglot.tokens import TokenType  # type: ignore[attr-defined]
 
+from app import grammar
 from app.catalog import Catalog, Relation
-from app.errors import BadRequest, Forbidden, GatewayError, PayloadTooLarge, Unprocessable
+from app.errors import BadRequest, Forbidden, GatewayError, Unprocessable
 
 log = logging.getLogger("querygate.facts")
 _DIALECT = Dialect.get_or_raise("postgres")
+
+
+class _NoSqlText(logging.Filter):
+    """Drops every record of sqlglot's logger: they quote the statement, literals included
+    ("'UPDATE … WHERE ssn = …' contains unsupported syntax. Falling back to parsing as a
+    'Command'", "Invalid JSON path syntax …", a rendered subquery), and each condition they
+    report reaches the caller as one of the extractor's error codes anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _keep_sql_out_of_logs() -> None:
+    """Install the filter on the ``sqlglot`` logger once (idempotent: extractors are built in
+    every app and CLI run, and by tests many times)."""
+    sqlglot_log = logging.getLogger("sqlglot")
+    if not any(isinstance(f, _NoSqlText) for f in sqlglot_log.filters):
+        sqlglot_log.addFilter(_NoSqlText())
 
 Kind = Literal["select", "insert", "update", "delete", "merge", "ddl"]
 Derivation = Literal["direct", "expression", "aggregate"]
@@ -169,15 +188,25 @@ DENIED_FUNCTION_PATTERNS = (
     re.compile(r"^(copy|pg_file_|pg_logdir_ls|pg_execute_server_program)"),
 )
 
-# sqlglot renders some PostgreSQL functions under its own names; policy sees PostgreSQL's.
-_FUNCTION_NAME_CACHE: dict[type[exp.Func], str] = {}
 # Operators sqlglot models as functions: not calls PostgreSQL would resolve by name.
 _NOT_FUNCTIONS = (exp.Cast, exp.TryCast, exp.Paren, exp.Exists, exp.Connector)
+# Arguments kept as they are when a call is rendered for its name: they decide which
+# spelling sqlglot picks (a JSON path, a unit) and can never render as a call themselves.
+_NAME_SHAPING = (exp.Literal, exp.Var, exp.DataType, exp.Identifier, exp.Null, exp.Boolean,
+                 exp.Star, exp.JSONPath)
+# Stands in for every other argument: not an identifier PostgreSQL would call.
+_ARGUMENT = "__querygate_argument__"
 
 
 def function_name(node: exp.Func) -> str:
     """The PostgreSQL name of a function call, lower-case ("" for operators sqlglot models
-    as functions, such as AND); schema-qualified unless pg_catalog."""
+    as functions, such as AND or ->>); schema-qualified unless pg_catalog.
+
+    A pure function of the node: the name is read from the node rendered with its
+    arguments replaced by a placeholder, so an operator (`x ->> 'a'`, `x ~ 'a'`) never takes
+    the name of a call on its left and one class can be a call in one statement and an
+    operator in the next (`json_extract_path_text(x, 'a')` and `x ->> 'a'`).
+    """
     if isinstance(node, exp.Anonymous):
         name = node.name.lower()
         parent = node.parent
@@ -186,16 +215,27 @@ def function_name(node: exp.Func) -> str:
             if schema and schema != "pg_catalog":
                 return f"{schema}.{name}"
         return name
-    cls = type(node)
-    cached = _FUNCTION_NAME_CACHE.get(cls)
-    if cached is None:
-        # Rendered once per class: binary operators (a % b) do not look like calls and get "";
-        # function-style ones (power(a, b), mod(a, b)) keep their name.
-        rendered = node.sql(dialect="postgres")
-        match = _CALL.match(rendered)
-        cached = match.group(1).lower() if match else ""
-        _FUNCTION_NAME_CACHE[cls] = cached
-    return cached
+    shell = type(node)(**{key: _placeholder(value) for key, value in node.args.items()})
+    try:
+        rendered = _DIALECT.generate(shell, copy=False)  # the shell is ours: no copy
+    except Exception as exc:  # a generator that needs the real arguments: refuse, never guess
+        raise _deny(f"the function {type(node).__name__} could not be analysed") from exc
+    # Binary operators (a ->> b) do not look like calls and get ""; function-style ones
+    # (power(a, b), json_extract_path_text(a, 'b')) keep their name.
+    match = _CALL.match(rendered)
+    name = match.group(1).lower() if match else ""
+    return "" if name == _ARGUMENT else name
+
+
+def _placeholder(value: Any) -> Any:
+    """An argument for the name-only copy of a call: a fresh copy or the placeholder."""
+    if isinstance(value, list):
+        return [_placeholder(item) for item in value]
+    if not isinstance(value, exp.Expr):
+        return value
+    if isinstance(value, _NAME_SHAPING) and value.find(exp.Func, exp.Query) is None:
+        return value.copy()
+    return exp.column(_ARGUMENT)
 
 
 _CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\(|$)")
@@ -271,6 +311,7 @@ class FactsExtractor:
     """Turns SQL text into QueryFacts against a catalog, with a bounded LRU cache."""
 
     def __init__(self, max_sql_bytes: int, cache_size: int = 4096) -> None:
+        _keep_sql_out_of_logs()
         self._max_sql_bytes = max_sql_bytes
         self._cache: OrderedDict[tuple[str, int], QueryFacts] = OrderedDict()
         self._cache_size = cache_size
@@ -307,10 +348,10 @@ class FactsExtractor:
         return schema
 
     def _extract(self, sql: str, catalog: Catalog) -> QueryFacts:
-        if len(sql.encode()) > self._max_sql_bytes:
-            raise PayloadTooLarge(
-                "sql_too_large", f"the SQL text is larger than {self._max_sql_bytes} bytes"
-            )
+        # PostgreSQL's own parser reads the text first (size, NUL, syntax, one statement of
+        # a kind we model); sqlglot's reading must then agree with it (app/grammar.py).
+        reading = grammar.read(sql, max_bytes=self._max_sql_bytes)
+        grammar.single_statement(reading)
         if _UNICODE_IDENT.search(sql):
             raise _deny("unicode-escaped identifiers and strings (U&…) are not supported")
         _check_nesting(sql)
@@ -327,6 +368,7 @@ class FactsExtractor:
             # property tests: "0?" is a TypeError); any of them means "cannot parse".
             log.info("parser failure %s on %d bytes", type(exc).__name__, len(sql))
             raise BadRequest("sql_parse_error", "the SQL could not be parsed") from exc
+        grammar.check_agreement(reading, sql, statements)
         if not statements:
             raise BadRequest("sql_parse_error", "the SQL text holds no statement")
         if len(statements) > 1:
@@ -349,13 +391,19 @@ class FactsExtractor:
         except (TypeError, ValueError, AttributeError, IndexError, KeyError, AssertionError) as exc:
             # A shape the walker (or sqlglot's qualifier, which asserts on some positional
             # ORDER BY/GROUP BY forms) does not expect: refuse (fail closed) and leave a trace.
-            log.warning("facts analysis failure %s: %s", type(exc).__name__, exc)
+            # The type and where it was raised, never the message: messages can quote SQL.
+            log.warning("facts analysis failure %s at %s", type(exc).__name__, _origin(exc))
             raise _deny("the query could not be analysed") from exc
 
     # --- per statement kind ------------------------------------------------------------
 
     def _facts(self, sql: str, tree: exp.Expr, catalog: Catalog) -> QueryFacts:
         tree = normalize_identifiers(tree, dialect=_DIALECT)
+        _lift_parenthesised_modifiers(tree)
+        while isinstance(tree, exp.Subquery) and not tree.alias and isinstance(tree.this, exp.Query):
+            # `(SELECT …)` as a whole statement is that SELECT.
+            tree = tree.this
+            tree.pop()
         params = _check_placeholders(tree)
         fingerprint = _fingerprint(sql)
         common: dict[str, Any] = {
@@ -665,16 +713,34 @@ class FactsExtractor:
     def _analyse(self, tree: exp.Query, catalog: Catalog) -> _Analysis:
         """Resolve ``tree`` (which the caller hands over: it is rewritten in place)."""
         _qualify_tables(tree, catalog)
-        qualified = qualify(
-            tree,
-            schema=self._schema(catalog),
-            dialect=_DIALECT,
-            validate_qualify_columns=True,
-            expand_stars=True,
-            quote_identifiers=False,
-            identify=False,
-        )
-        return _Resolver(catalog).run(qualified)
+        schema = self._schema(catalog)
+        try:
+            qualified = qualify(
+                tree,
+                schema=schema,
+                dialect=_DIALECT,
+                validate_qualify_columns=True,
+                expand_stars=True,
+                quote_identifiers=False,
+                identify=False,
+            )
+            return _Resolver(catalog).run(qualified)
+        finally:
+            _forget_lookups(schema)
+
+
+# sqlglot's MappingSchema memoises lookups keyed by the Table nodes of the statement being
+# qualified, and holds on to them (and through their parents to the whole tree) for as long
+# as the catalog version lives: state that grows with every distinct statement ever seen.
+_SCHEMA_MEMOS = ("_normalized_table_cache", "_find_cache", "_normalized_name_cache")
+
+
+def _forget_lookups(schema: MappingSchema) -> None:
+    """Empty the schema's per-lookup memos, so that nothing of one statement outlives it."""
+    for name in _SCHEMA_MEMOS:
+        memo = getattr(schema, name, None)
+        if isinstance(memo, dict):
+            memo.clear()
 
 
 class _Resolver:
@@ -717,8 +783,10 @@ class _Resolver:
     def _scope(self, scope: Scope) -> None:
         node = scope.expression
         if isinstance(node, exp.SetOperation):
-            left = self.outputs[id(node.left)]
-            right = self.outputs[id(node.right)]
+            # A branch may be parenthesised (`(SELECT …) UNION SELECT …`, as SQLAlchemy
+            # writes it) or a nested set operation (`a UNION (b INTERSECT c)`).
+            left = self._query_outputs(node.left)
+            right = self._query_outputs(node.right)
             if len(left) != len(right):
                 raise _deny("set operation branches have different column counts")
             merged = [
@@ -734,6 +802,13 @@ class _Resolver:
                 worst = _max_derivation(*(col.derivation for _, col in merged))
                 merged = [(name, _Col(everything, worst)) for name, _ in merged]
             self.outputs[id(node)] = merged
+            if scope.is_subquery and _in_predicate(
+                node, scope.parent.expression if scope.parent else None
+            ):
+                # `x IN (SELECT ssn … UNION …)` filters by everything the branches output,
+                # as a filtering SELECT does (_scope_select).
+                for _, col in merged:
+                    self._as_predicate(col)
             return
         if isinstance(node, exp.Lateral) and isinstance(node.this, exp.Subquery):
             # A LATERAL subquery is a derived table that may see earlier FROM items.
@@ -867,8 +942,8 @@ class _Resolver:
         if outputs is None:
             # The recursive member of a CTE refers to itself: its anchor defines the columns.
             anchor = source.expression
-            while isinstance(anchor, exp.SetOperation):
-                anchor = anchor.left
+            while isinstance(anchor, (exp.SetOperation, exp.Subquery)):
+                anchor = anchor.left if isinstance(anchor, exp.SetOperation) else anchor.this
             outputs = self.outputs.get(id(anchor))
         for name, col in outputs or []:
             if name == column.name:
@@ -1011,6 +1086,14 @@ def _in_predicate(node: exp.Expr, root: exp.Expr | None) -> bool:
 # --- helpers -----------------------------------------------------------------------------
 
 
+def _origin(exc: BaseException) -> str:
+    """``module.py:line`` of the frame that raised ``exc``: a trace without its message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}"
+
+
 def _display(table: exp.Table) -> str:
     return f"{table.db}.{table.name}" if table.db else table.name
 
@@ -1112,12 +1195,38 @@ def _fingerprint(sql: str) -> str:
 
 
 def _reject_select_extras(tree: exp.Expr) -> None:
-    for select in tree.find_all(exp.Select):
+    for select in tree.find_all(exp.Query):
         if select.args.get("into") is not None:
             raise _deny("SELECT … INTO creates a table; use CREATE TABLE through policy")
         if select.args.get("locks"):
             raise _deny("locking clauses (FOR UPDATE/SHARE) are not supported")
     _reject_with_writes(tree)
+
+
+# What PostgreSQL applies to a parenthesised query when written after it.
+_TRAILING_MODIFIERS = ("order", "limit", "offset", "locks")
+
+
+def _lift_parenthesised_modifiers(tree: exp.Expr) -> None:
+    """Move ORDER BY / LIMIT / OFFSET / FETCH / FOR UPDATE written after a parenthesised query
+    into that query, as PostgreSQL's grammar does (insertSelectOptions): sqlglot leaves them
+    on the parentheses, where neither the qualifier nor the scope walk reads them, so
+    `((SELECT id FROM customers) ORDER BY ssn LIMIT 1)` would hide a predicate column."""
+    for wrapper in list(tree.find_all(exp.Subquery)):  # outermost first: nested parentheses
+        inner = wrapper.this
+        if not isinstance(inner, exp.Query):
+            continue
+        for key in _TRAILING_MODIFIERS:
+            value = wrapper.args.get(key)
+            if not value:
+                continue
+            if inner.args.get(key):
+                # PostgreSQL: "multiple ORDER BY clauses not allowed" (and LIMIT, OFFSET, …).
+                raise BadRequest(
+                    "sql_parse_error", f"multiple {key.upper()} clauses are not allowed"
+                )
+            wrapper.set(key, None)
+            inner.set(key, value)
 
 
 def _reject_with_writes(tree: exp.Expr) -> None:
@@ -1225,7 +1334,15 @@ def _limit(tree: exp.Expr) -> int | None:
 
 
 def _trivially_true(where: exp.Expr | None) -> bool:
-    """A WHERE that keeps every row: constant truth, x = x, … OR true."""
+    """A WHERE that bounds nothing: it may keep every row, or it cannot tell rows apart.
+
+    Syntactic and conservative (docs/approvals.md, "How a WHERE is judged unbounded"): a
+    condition is unbounded when it reads no column (a constant, a cast of one, `$1`, a
+    subquery that reads no column, `current_user = 'x'`: the same value for every row), an
+    `x = x`-style identity, `x IS NOT NULL` (the catalog does not know which columns are NOT
+    NULL), `x IN (…, x, …)`, or an OR whose branches cover every case (`id <> 0 OR id = 0`,
+    `a OR NOT a`); AND is unbounded only if both sides are.
+    """
     if where is None:
         return False
     condition = where.this if isinstance(where, exp.Where) else where
@@ -1250,31 +1367,108 @@ def _same(left: exp.Expr | None, right: exp.Expr | None) -> bool:
     return left == right
 
 
-def _constant(node: exp.Expr) -> bool | None:
-    """The truth value of a condition that mentions no column, parameter or subquery."""
-    if any(True for _ in node.find_all(exp.Column, exp.Parameter, exp.Subquery)):
+def _row_independent(node: exp.Expr) -> bool:
+    """Reads no column, not even in a subquery: one value for the whole statement, so the
+    condition keeps every row or none (`true::boolean`, `(SELECT true)`, `$1`, `now() > …`)."""
+    return node.find(exp.Column) is None
+
+
+# The orders a comparison admits between its two sides; NOT takes the complement.
+_ORDERS = frozenset("<=>")
+_ADMITS: dict[type[exp.Expr], frozenset[str]] = {
+    exp.EQ: frozenset("="), exp.NEQ: frozenset("<>"), exp.LT: frozenset("<"),
+    exp.LTE: frozenset("<="), exp.GT: frozenset(">"), exp.GTE: frozenset(">="),
+}
+_MIRROR = str.maketrans("<>", "><")
+
+
+def _comparison(node: exp.Expr) -> tuple[exp.Expr, exp.Expr, frozenset[str]] | None:
+    """(left, right, the orders between them it admits) for `a op b` and `NOT a op b`."""
+    negated = False
+    current = _strip(node)
+    while isinstance(current, exp.Not):
+        negated = not negated
+        current = _strip(current.this)
+    if not isinstance(current, exp.Binary):
         return None
-    try:
-        simplified = simplify(node.copy())
-    except Exception:  # a failed simplification just means "not proven"
+    admits = _ADMITS.get(type(current))
+    if admits is None:
         return None
-    return simplified.this if isinstance(simplified, exp.Boolean) else None
+    return current.left, current.right, _ORDERS - admits if negated else admits
+
+
+def _disjuncts(node: exp.Expr) -> list[exp.Expr]:
+    node = _strip(node) or node
+    if isinstance(node, exp.Or):
+        return _disjuncts(node.left) + _disjuncts(node.right)
+    return [node]
+
+
+def _complementary(disjuncts: list[exp.Expr]) -> bool:
+    """Branches that together admit every case: `id <> 0 OR id = 0`, `x < $1 OR x >= $1`,
+    `0 > id OR id >= 0`, `a OR NOT a` (NULLs aside, which only ever keep fewer rows)."""
+    covered: list[tuple[exp.Expr, exp.Expr, set[str]]] = []
+    for branch in disjuncts:
+        found = _comparison(branch)
+        if found is None:
+            continue
+        left, right, admits = found
+        for seen_left, seen_right, seen in covered:
+            if _same(left, seen_left) and _same(right, seen_right):
+                seen |= admits
+            elif _same(left, seen_right) and _same(right, seen_left):
+                seen |= set("".join(sorted(admits)).translate(_MIRROR))
+            else:
+                continue
+            if seen >= _ORDERS:
+                return True
+            break
+        else:
+            covered.append((left, right, set(admits)))
+    for branch in disjuncts:
+        stripped = _strip(branch)
+        if isinstance(stripped, exp.Not) and any(
+            other is not branch and _same(other, stripped.this) for other in disjuncts
+        ):
+            return True
+    return False
 
 
 def _always_false(node: exp.Expr) -> bool:
+    """May be false (not NULL) for every row: the complement of _always_true, for NOT."""
     node = _strip(node) or node
-    if isinstance(node, exp.NEQ) and _same(node.left, node.right):
+    if _row_independent(node):
         return True
+    if isinstance(node, exp.Or):
+        return _always_false(node.left) and _always_false(node.right)
+    if isinstance(node, exp.And):
+        return _always_false(node.left) or _always_false(node.right)
+    if isinstance(node, (exp.NEQ, exp.LT, exp.GT)) and _same(node.left, node.right):
+        return True
+    if isinstance(node, exp.Is):
+        tested, negated = node.expression, bool(node.args.get("negate"))
+        if isinstance(tested, exp.Null):
+            # `x IS NULL` is false for every row when x is NOT NULL, which the catalog cannot
+            # tell: so `x IS NOT NULL` counts as keeping every row.
+            return not negated
+        if isinstance(tested, exp.Boolean):
+            if tested.this != negated:  # IS TRUE, IS NOT FALSE
+                return _always_false(node.this)
+            return _always_true(node.this)
     if isinstance(node, exp.Not):
         return _always_true(node.this)
-    return _constant(node) is False
+    return False
 
 
 def _always_true(node: exp.Expr) -> bool:
-    while isinstance(node, exp.Paren):
-        node = node.this
+    """May keep every row (conservatively: when in doubt between "bounds" and "does not
+    bound", the answer is "does not bound")."""
+    node = _strip(node) or node
+    if _row_independent(node):
+        return True
     if isinstance(node, exp.Or):
-        return _always_true(node.left) or _always_true(node.right)
+        branches = _disjuncts(node)
+        return any(_always_true(branch) for branch in branches) or _complementary(branches)
     if isinstance(node, exp.And):
         return _always_true(node.left) and _always_true(node.right)
     if isinstance(node, exp.Not):
@@ -1285,16 +1479,17 @@ def _always_true(node: exp.Expr) -> bool:
         node.this, node.args.get("high")
     ):
         return True
-    if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal) and node.this.is_string:
-        if node.to.sql(dialect="postgres").lower() in ("boolean", "bool"):
-            return node.this.this.strip().lower() in ("t", "true", "y", "yes", "on", "1")
-    if isinstance(node, exp.In) and isinstance(node.this, exp.Literal) and any(
-        isinstance(e, exp.Literal) and e == node.this for e in node.expressions
-    ):
+    if isinstance(node, exp.In) and any(_same(node.this, item) for item in node.expressions):
         return True
-    if isinstance(node, exp.Exists):
-        inner = node.this
-        # EXISTS (SELECT …) without FROM or WHERE is a constant truth.
-        if isinstance(inner, exp.Select) and not inner.args.get("from_") and not inner.args.get("where"):
-            return True
-    return _constant(node) is True
+    if isinstance(node, exp.Is):
+        tested, negated = node.expression, bool(node.args.get("negate"))
+        if isinstance(tested, exp.Null):
+            return negated  # `x IS NOT NULL`: see _always_false
+        if isinstance(tested, exp.Boolean):
+            if tested.this != negated:  # IS TRUE, IS NOT FALSE
+                return _always_true(node.this)
+            return _always_false(node.this)
+    # `x::boolean`: what is cast decides.
+    if isinstance(node, (exp.Cast, exp.TryCast)) and node.to.is_type(exp.DataType.Type.BOOLEAN):
+        return _always_true(node.this)
+    return False

@@ -6,7 +6,8 @@ package querygate
 guard := cfg.guardrails
 
 # An UPDATE or DELETE without a WHERE that filters anything touches every row. "Trivially
-# true" is the extractor's verdict: a constant truth, `x = x`, `… OR true`.
+# true" is the extractor's verdict that the WHERE bounds nothing: a condition that reads no
+# column, `x = x`, `x IS NOT NULL`, `id <> 0 OR id = 0`, `… OR true` (docs/approvals.md).
 deny contains {"rule": "unbounded_write", "message": msg} if {
 	input.query.kind in {"update", "delete"}
 	not bounded_where

@@ -61,7 +61,9 @@ def test_literals_and_comments_are_replaced(sql, expected):
 
 
 def test_unreadable_sql_gives_no_text_rather_than_raw_text():
-    assert redact_sql("SELECT 'never closed") is None
+    # Where PostgreSQL's scanner gives up, everything from there on is one "?".
+    assert redact_sql("SELECT 'never closed") == "SELECT ?"
+    assert redact_sql("SELECT '\ud800'") is None  # a lone surrogate cannot even be encoded
 
 
 # --- canonical form and the chain -----------------------------------------------------------
@@ -383,3 +385,50 @@ def test_json_log_lines_carry_the_request_id_and_extras():
         REQUEST_ID.reset(token)
     assert line["message"] == 'say "hi"'
     assert (line["request_id"], line["fingerprint"], line["level"]) == ("req-1", "sha256:abc", "INFO")
+
+
+# --- redacted SQL: every literal form PostgreSQL's scanner knows -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # Numbers sqlglot splits into a number and an identifier (0 AS o1234567).
+        ("SELECT 0o1234567", "SELECT ?"),
+        ("SELECT 0x1F, 0X1f", "SELECT ?, ?"),
+        ("SELECT 0b101", "SELECT ?"),
+        ("SELECT 1_234_567", "SELECT ?"),
+        ("SELECT 1.5e10, 1.5E-10, 2e3", "SELECT ?, ?, ?"),
+        ("SELECT .5, 5., 0.5", "SELECT ?, ?, ?"),
+        ("SELECT 123abc FROM t WHERE ssn = '078-05-1120'", "SELECT ?"),  # trailing junk
+        # Strings.
+        ("SELECT $$078-05-1120$$", "SELECT ?"),
+        ("SELECT $tag$ it's $$ 078-05-1120 $tag$", "SELECT ?"),
+        ("SELECT E'it\\'s \\x41 078-05-1120'", "SELECT ?"),
+        ("SELECT e'\\n078'", "SELECT ?"),
+        ("SELECT U&'\\0030\\0037\\0038-05-1120'", "SELECT ?"),
+        ("SELECT U&'!0030!0037' UESCAPE '!'", "SELECT ? UESCAPE ?"),
+        ("SELECT B'0101', b'1'", "SELECT ?, ?"),
+        ("SELECT X'1F', x'ff'", "SELECT ?, ?"),
+        ("SELECT N'078-05-1120', n'x'", "SELECT ?, ?"),
+        ("SELECT date '2024-01-01', timestamp with time zone '2024-01-01 00:00'",
+         "SELECT date ?, timestamp with time zone ?"),
+        ("SELECT interval '1 day', '42'::int", "SELECT interval ?, ?::int"),
+        ("SELECT 'a'\n'078-05-1120'", "SELECT ?"),  # continuation: one literal
+        ("SELECT 'a' 'b'", "SELECT ? ?"),
+        # Unterminated or unreadable: nothing after the scanner's stop is kept.
+        ("SELECT id FROM t WHERE ssn = '078-05-1120", "SELECT id FROM t WHERE ssn = ?"),
+        ("SELECT $$078-05-1120", "SELECT ?"),
+        ("SELECT E'\\u12 078-05-1120'", "SELECT ?"),
+        ("SELECT 1 /* 078-05-1120", "SELECT ? ?"),
+        ("SELECT 'a\x00', '078-05-1120'", "SELECT ?"),
+        # Not literals: parameters, identifiers, keywords.
+        ("SELECT $1, $2::int, $10 FROM \"T 1\" WHERE x IS TRUE",
+         "SELECT $1, $2::int, $10 FROM \"T 1\" WHERE x IS TRUE"),
+        ("SELECT U&\"d\\0061t\" FROM t", "SELECT U&\"d\\0061t\" FROM t"),
+    ],
+)
+def test_every_literal_form_is_replaced(sql, expected):
+    assert redact_sql(sql) == expected
+    assert "078" not in (redact_sql(sql) or "")
+
