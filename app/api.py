@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import decimal
 import logging
 import secrets
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import masking
+from app import grammar, masking
+from app import profiles as masking_profiles
 from app.approvals import Approval, ApprovalStore, Notifier, validate_comment
 from app.audit import AuditLog, RequestAudit
 from app.catalog import Catalog, introspect
@@ -36,6 +39,7 @@ from app.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    GatewayTimeout,
     Internal,
     MethodNotAllowed,
     NotFound,
@@ -44,11 +48,14 @@ from app.errors import (
     Unavailable,
     Unprocessable,
 )
-from app.executor import CleanSessions, Executor, Result, connection_settings
+from app.executor import CleanSessions, Executor, Result, Target, connection_settings
 from app.facts import FactsExtractor, QueryFacts
 from app.identity import Authenticator, Identity
+from app.limits import CallerLimits, Slot
+from app.liveness import Heartbeat
 from app.metrics import CONTENT_TYPE_LATEST, REQUEST_ID, Metrics, MetricsMiddleware, StageClock
 from app.policy import Decision, PolicyClient
+from app.profiles import ProfileDecisions, Profiles, ProfileSpec, quote_ident
 
 log = logging.getLogger("querygate.api")
 
@@ -102,6 +109,10 @@ class Gateway:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     audit: AuditLog | None = None
+    profiles: Profiles | None = None
+    profile_decisions: ProfileDecisions = field(default_factory=lambda: ProfileDecisions(30.0))
+    limits: CallerLimits = field(default_factory=lambda: CallerLimits(0, 1, 0))
+    heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat(2.0))
 
     async def connect(self) -> None:
         """Open the pool and read the catalog; failures leave the gateway not ready."""
@@ -124,9 +135,28 @@ class Gateway:
             reset=sessions.reset,
         )
         await self._check_login_role()
+        await self._check_database()
         self.approvals = ApprovalStore(self.pool)
         await self.approvals.migrate()
-        self.executor = Executor(self.pool, sessions)
+        self.executor = Executor(
+            self.pool, sessions, acquire_timeout_s=settings.pool_acquire_timeout_ms / 1000,
+            timeout_s=settings.request_timeout_s,
+        )
+        self.profiles = Profiles(
+            self.pool,
+            settings.database_url.get_secret_value(),
+            tuple(settings.schemas),
+            self.mask_key,
+            settings.mask_redact_token,
+            {"application_name": "querygate", **connection_settings(settings.statement_timeout_ms)},
+            settings.profile_pool_max,
+            settings.max_profiles,
+            settings.db_connect_timeout_ms / 1000,
+            init=sessions.forget,
+            reset=sessions.reset,
+        )
+        await self.profiles.migrate()
+        self.profile_decisions = ProfileDecisions(settings.profile_cache_ttl_s)
         await self.refresh_catalog()
 
     async def _check_login_role(self) -> None:
@@ -146,6 +176,147 @@ class Gateway:
         if risky:
             log.warning("the gateway's login role is a superuser or bypasses RLS (allowed outside prod)")
 
+    async def _check_database(self) -> None:
+        """Masking is enforced by the database: refuse to serve where it could not be."""
+        assert self.pool is not None
+        schemas = tuple(self.settings.schemas)
+        prod = self.settings.environment == "prod"
+        problems: list[str] = []
+        async with self.pool.acquire() as conn:
+            version = int(await conn.fetchval("SHOW server_version_num"))
+            if not await masking_profiles.initialised(conn):
+                problems.append(
+                    "the database has not been initialised for masking: run `querygate db init` "
+                    "as a DBA (docs/masking.md)"
+                )
+            else:
+                grants = await masking_profiles.public_grants(conn, schemas)
+                if grants:
+                    problems.append(
+                        "PUBLIC holds privileges on exposed objects, so every masking profile "
+                        "would too; revoke them: " + "; ".join(grants)
+                    )
+                owned = await masking_profiles.owned_exposed_tables(conn, schemas) if prod else []
+                if owned:
+                    problems.append(
+                        "the gateway's login role owns exposed relations (an owner bypasses row "
+                        "security and can change their privileges): " + ", ".join(owned)
+                    )
+                if not problems:
+                    await masking_profiles.store_key(conn, self.mask_key)
+        outdated = masking_profiles.server_version_problem(version)
+        if outdated and prod:
+            problems.append(outdated)
+        elif outdated:
+            log.warning("%s; allowed outside prod", outdated)
+        if problems:
+            await self.pool.close()
+            self.pool = None
+            raise ConfigError("QUERYGATE_DATABASE_URL: " + " | ".join(problems))
+
+    async def target_for(
+        self, identity: Identity, facts: QueryFacts, decision: Decision, sql: str
+    ) -> tuple[Target, Decision]:
+        """Where the statement runs, and the decision with the masks the database enforces.
+
+        DDL changes objects rather than reading values, and needs the privileges of their
+        owner: it runs on the login role's pool (SET LOCAL ROLE the decision's db_role), after
+        the profile views of its tables are dropped so PostgreSQL lets it change them. Every
+        other statement runs under a masking profile chosen from the identity by policy; the
+        decision may only add masks to it.
+        """
+        assert self.executor is not None and self.profiles is not None
+        catalog = self.catalog
+        if catalog is None:
+            raise Unavailable("database_unavailable", "the catalog has not been read yet")
+        profile_masks = await self.profile_masks(identity, catalog, decision.bundle_revision)
+        masks = {**decision.masks, **profile_masks}
+        if facts.kind == "ddl":
+            tables = facts.ddl.targets if facts.ddl is not None else ()
+            # DDL runs as the tables' owner, outside every profile: an expression of it that
+            # reads a column (ALTER … TYPE … USING ssn, GENERATED ALWAYS AS (ssn), a CHECK
+            # that fails on some ssn) would copy or test raw values the caller sees masked.
+            copied = sorted(
+                f"{table}.{column}"
+                for table in tables
+                for column in grammar.column_references(sql)
+                if f"{table}.{column}" in masks
+            )
+            # Classification follows names: renaming a masked column, or a table holding
+            # one, could move its values out of their class for every reader.
+            renamed = sorted(
+                f"{table}.{column}" if column else table
+                for kind, column in grammar.renames(sql)
+                for table in tables
+                if (column and f"{table}.{column}" in masks)
+                or (kind != "column" and any(m.startswith(f"{table}.") for m in masks))
+            )
+            if copied or renamed:
+                raise Forbidden(
+                    "ddl_masked_column",
+                    "DDL that reads or renames what is masked for you is refused: "
+                    + ", ".join(copied + renamed),
+                    columns=copied + renamed,
+                    decision_id=decision.id,
+                )
+            store = self.profiles
+            # CREATE makes an unqualified object in the first schema of the path, which must
+            # be the configured one the facts resolved it to, not pg_catalog. (The facts
+            # refuse unqualified names that pg_catalog shadows, so nothing else resolves
+            # differently.)
+            ddl_path = ", ".join(
+                quote_ident(s) for s in (*self.settings.schemas, "pg_catalog", "pg_temp")
+            )
+
+            # Only DDL that PostgreSQL refuses under a dependent view drops the views (a
+            # wrong guess here fails closed: the DDL errors, nothing leaks).
+            destructive = facts.ddl is not None and (
+                facts.ddl.operation == "drop" or {"drop", "alter_type"} & set(facts.ddl.actions)
+            )
+
+            async def drop_views(conn: asyncpg.Connection) -> None:
+                if destructive:
+                    await store.drop_views_of(conn, tables)
+                await conn.execute(f"SET LOCAL search_path TO {ddl_path}")
+
+            role = decision.db_role or self.settings.ddl_role
+            base = self.executor.target(sql, role)
+            return Target(base.pool, sql, role, prelude=drop_views), decision
+        spec = ProfileSpec.of(masks, decision.db_role)
+        if spec.masked and (only := grammar.only_relations(sql)):
+            raise Forbidden(
+                "unsupported_construct",
+                "ONLY is not supported for callers with masked columns (their views of a "
+                "parent table include its children): " + ", ".join(only),
+                decision_id=decision.id,
+            )
+        profile = await self.profiles.get(spec, catalog)
+        text = grammar.rewrite_schemas(sql, profile.schema_map) if profile.schema_map else sql
+        enforced = dataclasses.replace(decision, masks=masks)
+        return Target(profile.pool, text, None, frozenset(masks)), enforced
+
+    async def profile_masks(
+        self, identity: Identity, catalog: Catalog, revision: str | None
+    ) -> dict[str, str]:
+        """The caller's masking_profile masks (cached per identity and catalog version)."""
+        identity_input = identity.to_input()
+        key = orjson.dumps(
+            [identity_input, self.settings.environment, catalog.version],
+            option=orjson.OPT_SORT_KEYS,
+        )
+        cached = self.profile_decisions.get(key, revision)
+        if cached is not None:
+            return cached
+        masks, answered = await self.policy.masking_profile({
+            "identity": identity_input,
+            "environment": self.settings.environment,
+            "database": {"name": self.settings.database_name},
+            "columns": catalog.columns(),
+            "classification": catalog.classes,
+        })
+        self.profile_decisions.put(key, masks, answered)
+        return masks
+
     async def refresh_catalog(self) -> Catalog:
         """Re-read the catalog; the version (and so the facts cache key) moves on change."""
         if self.pool is None:
@@ -153,6 +324,8 @@ class Gateway:
         before = self.catalog
         async with self.pool.acquire() as conn:
             self.catalog = await introspect(conn, tuple(self.settings.schemas), self.catalog)
+            if self.profiles is not None:
+                await self.profiles.check(conn, self.catalog)
         if before is not None and self.catalog.version != before.version and self.audit:
             # A schema change seen by the gateway, whoever made it.
             with contextlib.suppress(Unavailable):
@@ -186,12 +359,27 @@ class Gateway:
                 await task
         await self.policy.close()
         await self.notifier.close()
+        if self.profiles is not None:
+            await self.profiles.close()
         await self.authenticator.close()
         if self.pool is not None:
-            await self.pool.close()
+            await close_pool(self.pool)
         if self.audit is not None:
             # Last: whatever the shutdown recorded is flushed and, if the sink answers, shipped.
             await self.audit.close()
+
+
+# Shutdown waits this long for a pool's connections to come back, then terminates them all.
+POOL_CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float = POOL_CLOSE_TIMEOUT_S) -> None:
+    """Close ``pool`` gracefully within ``timeout_s``, else terminate its connections."""
+    try:
+        # asyncpg's close() waits for every connection to be released, however long.
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except Exception:
+        pool.terminate()
 
 
 class RequestIdMiddleware:
@@ -367,6 +555,7 @@ async def evaluate(request: Request, audit: RequestAudit) -> Evaluation:
     gateway = _gateway(request)
     request_id = _request_id(request)
     identity = await _authenticate(request, gateway, audit)
+    gateway.limits.admit((identity.issuer, identity.sub))  # before any work: 429 rate_limited
     body = await read_query(request, gateway.settings)
     audit.sql = body.sql
     catalog = gateway.catalog
@@ -429,15 +618,106 @@ def _decision_body(decision: Decision, plan: masking.MaskPlan) -> dict[str, Any]
     return {"id": decision.id, "reasons": decision.reasons_json(), "masked": plan.masked}
 
 
-def _result_body(result: Result, decision: Decision, plan: masking.MaskPlan) -> dict[str, Any]:
+def _notices(facts: QueryFacts, decision: Decision) -> list[dict[str, str]]:
+    """What the caller should know to read the answer right (never a value)."""
+    compared = sorted(c for c in facts.columns_predicate if c in decision.masks)
+    if not compared:
+        return []
+    return [{
+        "code": "masked_predicate",
+        "message": "these columns are masked, so filters, joins, grouping and sorting on them "
+        "compared masked values, not the real ones: " + ", ".join(compared),
+    }]
+
+
+def _result_body(
+    result: Result, decision: Decision, plan: masking.MaskPlan, facts: QueryFacts
+) -> dict[str, Any]:
+    notices = _notices(facts, decision)
     return {
+        **({"notices": notices} if notices else {}),
         "columns": [{"name": c.name, "type": c.type} for c in result.columns],
-        "rows": result.rows,
+        # Encoded by the executor as they came (_encode_row), to count the answer's bytes.
+        "rows": [orjson.Fragment(r) if isinstance(r, bytes) else r for r in result.rows],
         "row_count": len(result.rows),
         "rows_affected": result.rows_affected,
         "truncated": result.truncated,
+        "truncated_reason": result.truncated_reason,
         "decision": _decision_body(decision, plan),
     }
+
+
+def _encode_row(row: Any) -> bytes:
+    return orjson.dumps(row, default=_json_default)
+
+
+# The request's own bound fires this long after its deadline. The executor closes a
+# connection still in use at the deadline itself (and answers request_timeout), so a
+# database call is always ended there; this ends whatever else is still waiting.
+_BACKSTOP_S = 0.25
+
+
+@dataclass(slots=True)
+class _Budget:
+    """A /v1/query's deadlines (event loop clock) and the caller's statement slot."""
+
+    at: float
+    stream_at: float
+    slot: Slot | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> _Budget:
+        now = asyncio.get_running_loop().time()
+        return cls(now + settings.request_timeout_s, now + settings.stream_timeout_s)
+
+    def hand_off(self) -> Slot | None:
+        """The slot, for a stream to release when it ends."""
+        if self.slot is not None:
+            self.slot.handed_off = True
+        return self.slot
+
+    def release(self) -> None:
+        if self.slot is not None and not self.slot.handed_off:
+            self.slot.release()
+
+
+@contextlib.asynccontextmanager
+async def _within(deadline: float) -> AsyncIterator[None]:
+    """Bound the request's handling by its deadline: past it, 504 request_timeout."""
+    try:
+        async with asyncio.timeout_at(deadline + _BACKSTOP_S) as scope:
+            yield
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise GatewayTimeout(
+            "request_timeout",
+            "the request ran past its deadline (QUERYGATE_REQUEST_TIMEOUT_MS)",
+        ) from None
+
+
+class _BoundedStream(StreamingResponse):
+    """An NDJSON answer that ends by its deadline and then frees the caller's slot.
+
+    The executor closes the database connection at the deadline and the stream's last line
+    says so; this bound is for a client that stopped reading, whose send would otherwise
+    wait forever: the HTTP connection is dropped.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], deadline: float, slot: Slot | None) -> None:
+        super().__init__(content, media_type=NDJSON)
+        self.deadline = deadline
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with asyncio.timeout_at(self.deadline + _BACKSTOP_S):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            log.warning("an NDJSON stream was dropped at its deadline: the client stopped reading")
+        finally:
+            if self.slot is not None:
+                self.slot.release()
 
 
 NDJSON = "application/x-ndjson"
@@ -475,22 +755,42 @@ async def _ndjson(
     request_id: str,
     audit: RequestAudit,
     started: float,
+    notices: list[dict[str, str]],
+    max_bytes: int,
 ) -> AsyncIterator[bytes]:
-    """Header line, one JSON array per row, then a summary (or error) line."""
+    """Header line, one JSON array per row, then a summary (or error) line.
+
+    The rows' lines stop at ``max_bytes``: the last line is then ``response_too_large``.
+    """
     rows = 0
+    size = 0
     try:
         yield orjson.dumps(
             {
                 "columns": [{"name": c.name, "type": c.type} for c in first.columns],
                 "decision": _decision_body(decision, first),
+                **({"notices": notices} if notices else {}),
             },
             default=_json_default,
         ) + b"\n"
         async for batch in batches:
-            rows += len(batch)
-            yield b"".join(
-                orjson.dumps(row, default=_json_default) + b"\n" for row in batch
-            )
+            lines = []
+            for row in batch:
+                line = orjson.dumps(row, default=_json_default) + b"\n"
+                size += len(line)
+                if size > max_bytes:
+                    break
+                lines.append(line)
+            rows += len(lines)
+            if lines:
+                yield b"".join(lines)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    "response_too_large",
+                    f"the answer is larger than {max_bytes} bytes "
+                    f"(QUERYGATE_MAX_RESPONSE_BYTES); the rows after the first {rows} were "
+                    "not sent",
+                )
         _database_time(audit.clock, started)
         try:
             await audit.executed(outcome="ok", rows_returned=rows, streamed=True,
@@ -534,7 +834,14 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
             ),
             metrics=gateway_metrics,
+            limits=CallerLimits(settings.rate_limit_per_s, settings.rate_limit_burst,
+                                settings.max_concurrent_per_identity),
+            heartbeat=Heartbeat(settings.liveness_max_loop_lag_ms / 1000),
         )
+        cap = settings.max_concurrent_per_identity
+        if cap == 0 or cap >= min(settings.db_pool_max, settings.profile_pool_max):
+            log.warning("QUERYGATE_MAX_CONCURRENT_PER_IDENTITY (%s) is not below the pool sizes: "
+                        "one caller can hold every database connection", cap)
         # First: nothing is served that could not be audited. A spool that cannot be opened
         # (locked by another process, unwritable) stops start-up.
         audit = AuditLog(settings, gateway_metrics)
@@ -552,6 +859,7 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             log.warning("database not reachable at start-up: %s", type(exc).__name__)
         gateway.tasks.append(asyncio.create_task(gateway.maintain()))
+        gateway.tasks.append(asyncio.create_task(gateway.heartbeat.run()))
         app.state.gateway = gateway
         try:
             yield
@@ -571,7 +879,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
         request.state.error_code = exc.code
-        return render(exc.body(_request_id(request)), exc.status)
+        # Retry-After of a 429 (TooManyRequests.headers).
+        return render(exc.body(_request_id(request)), exc.status, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -594,7 +903,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error (request %s)", _request_id(request))
+        # Where it happened, never what: an exception's message may quote data or SQL.
+        log.error(
+            "unexpected %s (request %s) at %s", type(exc).__name__, _request_id(request),
+            " <- ".join(
+                f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+                for frame in reversed(traceback.extract_tb(exc.__traceback__))
+            )[:2000],
+        )
         error = Internal("internal_error", "an unexpected error occurred; it has been logged")
         request.state.error_code = error.code
         return render(error.body(_request_id(request)), error.status)
@@ -603,8 +919,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def query(request: Request) -> Response:
         """Decide and, if allowed, run the statement; each step is audited before it shows."""
         audit = _audit(request)
+        budget = _Budget.start(settings)
         try:
-            return await _query(request, audit)
+            async with _within(budget.at):
+                return await _query(request, audit, budget)
         except asyncio.CancelledError:
             audit.aborted()
             raise
@@ -612,14 +930,20 @@ def create_app(settings: Settings) -> FastAPI:
             # A refusal is answered only once it is on record (or it becomes a 503).
             await audit.refused(exc)
             raise
+        finally:
+            budget.release()  # unless a stream took the slot over
 
-    async def _query(request: Request, audit: RequestAudit) -> Response:
+    async def _query(request: Request, audit: RequestAudit, budget: _Budget) -> Response:
         ev = await evaluate(request, audit)
         gateway, identity, body, facts, decision = (
             ev.gateway, ev.identity, ev.body, ev.facts, ev.decision
         )
         _enforce(decision, facts)
         assert gateway.executor is not None and gateway.approvals is not None
+        # Where it runs, and every refusal of that step (a profile PostgreSQL cannot prepare,
+        # ONLY for a masked caller, DDL reading masked columns), before an approval is asked
+        # for a statement that could never run, and before the allow is on record.
+        target, enforced = await gateway.target_for(identity, facts, decision, body.sql)
         if decision.require_approval is not None:
             if ev.approval is not None:
                 raise Forbidden(
@@ -637,9 +961,17 @@ def create_app(settings: Settings) -> FastAPI:
             return render(
                 {"approval": approval.to_json(), "decision_id": decision.id}, status=202
             )
+        # One of the caller's slots from here to the end of the answer (pool fairness);
+        # refused (429 too_many_concurrent) before the allow is on record.
+        budget.slot = gateway.limits.slot((identity.issuer, identity.sub))
         # Durable before anything runs: when the spool cannot take it, nothing runs.
         await audit.decided("allow", gate=True)
         if ev.approval is not None:
+            if _wants_ndjson(request) and facts.kind != "select":
+                # The stream would refuse the write only after the claim, using the approval
+                # up for nothing: refuse it first, as Executor.stream does.
+                raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
+                                    "application/x-ndjson Accept header for writes")
             # After policy said yes with the approval in its input, and before anything runs:
             # the one conditional UPDATE that makes an approval single-use.
             await gateway.approvals.claim(ev.approval, list(body.params))
@@ -649,7 +981,8 @@ def create_app(settings: Settings) -> FastAPI:
         def planner(columns: tuple[Any, ...]) -> masking.MaskPlan:
             with audit.clock.timer("masking"):
                 plan = masking.plan(
-                    facts, decision, columns, gateway.mask_key, settings.mask_redact_token
+                    facts, enforced, columns, gateway.mask_key, settings.mask_redact_token,
+                    target.masked,
                 )
             timed = _TimedPlan(plan.maskers, plan.columns, plan.masked, audit.clock)
             plans.append(timed)
@@ -660,24 +993,33 @@ def create_app(settings: Settings) -> FastAPI:
             # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
             # bound); the policy's own max_rows still holds.
             batches = gateway.executor.stream(
-                body.sql, body.params, facts, decision.max_rows, planner,
-                settings.stream_batch_rows, db_role=decision.db_role,
+                target, body.params, facts, decision.max_rows, planner, settings.stream_batch_rows,
+                deadline=budget.at, stream_deadline=budget.stream_at,
             )
             first = await anext(batches)  # errors before the first row are plain errors
-            return StreamingResponse(
-                _ndjson(first, batches, decision, ev.request_id, audit, started),
-                media_type=NDJSON,
+            return _BoundedStream(
+                _ndjson(first, batches, enforced, ev.request_id, audit, started,
+                        _notices(facts, enforced), settings.max_response_bytes),
+                budget.stream_at, budget.hand_off(),
             )
         limit = settings.max_rows if decision.max_rows is None else min(
             settings.max_rows, decision.max_rows
         )
         try:
             result = await gateway.executor.run(
-                body.sql, body.params, facts, limit, planner,
-                db_role=decision.db_role, max_rows_affected=decision.max_rows_affected,
+                target, body.params, facts, limit, planner,
+                max_rows_affected=decision.max_rows_affected, deadline=budget.at,
+                encode=_encode_row, max_bytes=settings.max_response_bytes,
             )
         finally:
             _database_time(audit.clock, started)
+        if facts.kind == "ddl":
+            # The profiles' views of the changed tables may have been dropped for the DDL:
+            # every recorded profile's come back from the new catalog now, for the other
+            # replicas too, which would otherwise wait for their next refresh.
+            catalog = await gateway.refresh_catalog()
+            assert gateway.profiles is not None
+            await gateway.profiles.resync_recorded(catalog)
         try:
             await audit.executed(
                 outcome="ok", rows_returned=len(result.rows), rows_affected=result.rows_affected,
@@ -686,7 +1028,7 @@ def create_app(settings: Settings) -> FastAPI:
         except GatewayError:
             # The statement ran (its allow decision is on record): answer it all the same.
             log.error("the outcome of request %s could not be audited", ev.request_id)
-        return render(_result_body(result, decision, plans[-1]))
+        return render(_result_body(result, enforced, plans[-1], facts))
 
     async def _approval_for(
         request: Request, approval_id: str, audit: RequestAudit
@@ -711,8 +1053,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def get_approval(request: Request, approval_id: str) -> Response:
         """One approval, to its requester and to whoever may decide it."""
         _, identity, approval = await _approval_for(request, approval_id, _audit(request))
-        mine = approval.requester.get("sub") == identity.sub
-        if not mine and not set(identity.groups) & set(approval.approver_groups):
+        if not approval.requested_by(identity) and not set(identity.groups) & set(approval.approver_groups):
             raise NotFound("approval_not_found", "no such approval")
         return render({"approval": approval.to_json()})
 
@@ -743,9 +1084,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise Unprocessable("invalid_request", 'the body may only hold {"comment": …}')
             comment = validate_comment(payload.get("comment"))
         # Never the requester, whatever the policy says.
-        if (approval.requester.get("issuer"), approval.requester.get("sub")) == (
-            approver.issuer, approver.sub
-        ):
+        if approval.requested_by(approver):
             raise Forbidden("self_approval", "requesters cannot decide their own approvals")
         allowed, reasons = await gateway.policy.approver_decide(
             {
@@ -783,7 +1122,8 @@ def create_app(settings: Settings) -> FastAPI:
         audit = _audit(request)
         audit.explain = True
         try:
-            ev = await evaluate(request, audit)
+            async with _within(_Budget.start(settings).at):
+                ev = await evaluate(request, audit)
         except Exception as exc:
             await audit.refused(exc)
             raise
@@ -861,9 +1201,20 @@ def create_app(settings: Settings) -> FastAPI:
         return render({"version": catalog.version, "columns": columns})
 
     @app.get("/healthz")
-    async def healthz() -> Response:
-        """The process is alive."""
-        return render({"status": "ok"})
+    async def healthz(request: Request) -> Response:
+        """The process is alive: its event loop runs, and no pool is wedged (app/liveness.py)."""
+        gateway = _gateway(request)
+        loop_problem = gateway.heartbeat.problem()
+        wedged = gateway.executor.wedged_pools() if gateway.executor is not None else 0
+        if loop_problem is None and not wedged:
+            return render({"status": "ok"})
+        checks = {
+            "event_loop": loop_problem or "ok",
+            "database_pools": f"{wedged} pool(s) with every connection in use past its "
+            "deadline" if wedged else "ok",
+        }
+        error = Unavailable("not_live", "the gateway is not live", checks=checks)
+        return render(error.body(_request_id(request)), error.status)
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:

@@ -135,6 +135,12 @@ class Approval:
             "used_at": self.used_at.isoformat() if self.used_at else None,
         }
 
+    def requested_by(self, identity: Identity) -> bool:
+        """Whether ``identity`` made this request: the same subject of the same issuer."""
+        return (self.requester.get("issuer"), self.requester.get("sub")) == (
+            identity.issuer, identity.sub
+        )
+
     def to_policy_input(self) -> dict[str, Any]:
         """The approval as policy sees it (for approvers, and on the re-submission)."""
         return {
@@ -254,9 +260,7 @@ class ApprovalStore:
     ) -> Approval:
         """The approval, if it is approved and bound to exactly this request."""
         approval = await self.get(approval_id)
-        if (approval.requester.get("issuer"), approval.requester.get("sub")) != (
-            identity.issuer, identity.sub
-        ):
+        if not approval.requested_by(identity):
             raise Forbidden("approval_mismatch", "the approval belongs to another requester")
         if approval.environment != environment:
             raise Forbidden("approval_mismatch", "the approval is for another environment")

@@ -112,6 +112,15 @@ class Catalog:
                 return relation
         return None
 
+    def columns(self) -> list[str]:
+        """Every visible column as ``schema.table.column`` (what a masking profile covers)."""
+        return [
+            f"{schema}.{name}.{column}"
+            for schema, tables in self.relations.items()
+            for name, relation in tables.items()
+            for column in relation.columns
+        ]
+
     def sqlglot_schema(self) -> dict[str, dict[str, dict[str, str]]]:
         """The nested mapping sqlglot's qualifier wants: schema → table → column → type."""
         return {

@@ -55,6 +55,9 @@ def _serve(settings: Settings) -> None:
         # Behind a mesh or ingress the proxy's own headers are handled by identity, not here.
         proxy_headers=False,
         server_header=False,
+        # SIGTERM/Ctrl-C: in-flight requests get this long, then are cancelled; the lifespan
+        # then closes the pools within a bound too (Gateway.close), whatever is still stuck.
+        timeout_graceful_shutdown=(settings.shutdown_timeout_ms + 999) // 1000,
     )
 
 
@@ -86,7 +89,7 @@ def _audit_destination(settings: Settings) -> str:
 def cmd_dev(args: argparse.Namespace) -> int:
     """Start embedded PostgreSQL with demo data, OPA with rego/, and the gateway; Ctrl-C stops all."""
     from app.demo import DEMO_IDENTITIES
-    from app.devstack import start_opa, start_postgres
+    from app.devstack import OWNER_ROLE, start_opa, start_postgres
     from app.identity import mint_dev_token
 
     # uvicorn re-raises SIGTERM after its shutdown; turning it into KeyboardInterrupt lets the
@@ -120,6 +123,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             dev_signing_key_file=data_dir / "dev" / "signing-key.pem",
             database_url=postgres.app_dsn,
             opa_url=opa.url,
+            ddl_role=OWNER_ROLE,
         )
         tokens = {
             sub: mint_dev_token(settings, sub, groups, email=f"{sub}@example.com")
@@ -145,7 +149,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "-d '{\"sql\": \"SELECT id, country FROM customers WHERE id < $1\", \"params\": [5]}'\n"
             "Then try (docs/approvals.md, docs/masking.md):\n"
             "  as alice: SELECT email, ssn, card_number FROM customers LIMIT 3   -> masked\n"
-            "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> masked_column_predicate\n"
+            "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> compares masked values\n"
             "  as alice: DROP TABLE orders                                       -> destructive_ddl\n"
             "  as dana:  DELETE FROM orders WHERE 1 = 1                          -> unbounded_write\n"
             "  as dana:  UPDATE orders SET status = 'x' WHERE id < 2000         -> blast_radius_exceeded\n"
@@ -381,7 +385,95 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--allow-partial-start", action="store_true",
                         help="a chain may start after seq 1 (an older part was deleted on purpose)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    db = sub.add_parser("db", help="prepare the database for the masking it enforces (docs/masking.md)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    init = db_sub.add_parser(
+        "init", help="once, as a DBA: roles, masking functions and grants (idempotent)"
+    )
+    init.add_argument("--dsn", default=os.environ.get("QUERYGATE_DB_ADMIN_URL"),
+                      help="a DBA's DSN for the application database (or QUERYGATE_DB_ADMIN_URL)")
+    init.add_argument("--login-role", default=None,
+                      help="the gateway's login role (default: the user of QUERYGATE_DATABASE_URL)")
+    init.add_argument("--schemas", default=None,
+                      help="exposed schemas, comma-separated (default: QUERYGATE_SCHEMAS or public)")
+    init.add_argument("--db-role", action="append", default=[],
+                      help="a role policy may name as db_role (repeatable)")
+    sync = db_sub.add_parser(
+        "sync", help="re-create the masking views from the catalog, or drop them for a migration"
+    )
+    sync.add_argument("--dsn", default=None,
+                      help="the gateway's DSN (default: QUERYGATE_DATABASE_URL)")
+    sync.add_argument("--schemas", default=None, help="as for init")
+    sync.add_argument("--drop-views", action="store_true",
+                      help="drop every profile's views (before DROP COLUMN or ALTER COLUMN TYPE)")
     return parser
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """`db init` (as a DBA) and `db sync` (as the gateway's login role)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    import asyncpg
+
+    from app import profiles
+    from app.catalog import introspect
+
+    gateway_dsn = os.environ.get("QUERYGATE_DATABASE_URL")
+    schemas = tuple(
+        s.strip() for s in (args.schemas or os.environ.get("QUERYGATE_SCHEMAS") or "public").split(",")
+        if s.strip()
+    )
+    dsn = args.dsn or gateway_dsn
+    if not dsn:
+        print("querygate db: give --dsn (or set QUERYGATE_DATABASE_URL)", file=sys.stderr)  # noqa: T201
+        return 2
+
+    async def init() -> int:
+        login = args.login_role or (urlsplit(gateway_dsn).username if gateway_dsn else None)
+        if not login:
+            print("querygate db init: give --login-role (or set QUERYGATE_DATABASE_URL)",  # noqa: T201
+                  file=sys.stderr)
+            return 2
+        conn = await asyncpg.connect(dsn)
+        try:
+            database = await conn.fetchval("SELECT current_database()")
+            grants = await profiles.db_init(conn, login, database, schemas, args.db_role)
+        finally:
+            await conn.close()
+        print(f"querygate db init: {database} ready for login role {login}")  # noqa: T201
+        if grants:
+            print("PUBLIC holds privileges the gateway refuses to serve with; revoke them:",  # noqa: T201
+                  file=sys.stderr)
+            for grant in grants:
+                print(f"  {grant}", file=sys.stderr)  # noqa: T201
+            return 1
+        return 0
+
+    async def sync() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if args.drop_views:
+                dropped = await profiles.drop_all_views(conn)
+                print(f"querygate db sync: dropped {dropped} masking views; the gateway "  # noqa: T201
+                      "creates them again from the new catalog")
+                return 0
+            catalog = await introspect(conn, schemas, None)
+            token = os.environ.get("QUERYGATE_MASK_REDACT_TOKEN", "[REDACTED]")
+            synced = await profiles.sync_views(
+                conn, await profiles.recorded_profiles(conn), catalog, token
+            )
+        finally:
+            await conn.close()
+        print(f"querygate db sync: {synced} masking profiles match the catalog")  # noqa: T201
+        return 0
+
+    try:
+        return asyncio.run(init() if args.db_command == "init" else sync())
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"querygate db {args.db_command}: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -416,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
-        "catalog": cmd_catalog, "audit": cmd_audit,
+        "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db,
     }
     try:
         return handlers[args.command](args)

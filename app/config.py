@@ -6,10 +6,12 @@ own. Invalid or conflicting values stop start-up with a message that names the v
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -21,7 +23,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "QUERYGATE_"
 
@@ -44,6 +52,27 @@ def _env(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+# QUERYGATE_* variables that are not settings of this class: each is read by something else.
+# Any other name that is neither a setting nor a secret's _FILE stops start-up
+# (load_settings), since a misspelled variable would otherwise be ignored without a word.
+# (QUERYGATE_DATABASE_URL, _SCHEMAS, _MASK_REDACT_TOKEN and _AUDIT_KAFKA_TOPIC are also read
+# by `querygate db` and `querygate audit verify`, but they are settings here too.)
+OTHER_VARIABLES: dict[str, str] = {
+    "QUERYGATE_OPA_BIN": "the opa binary of `querygate dev` and the tests (app/devstack.py)",
+    "QUERYGATE_KAFKA_LIBS": "the Kafka jars of the test broker (app/devstack.py)",
+    "QUERYGATE_KUSTOMIZE_BIN": "the kustomize binary of tests/deploy (Makefile)",
+    "QUERYGATE_DB_ADMIN_URL": "a DBA's DSN for `querygate db init` (app/cli.py)",
+    # What an application next to a sidecar reads (deploy/k8s/base/deployment.yaml).
+    "QUERYGATE_URL": "where the application reaches the gateway",
+    "QUERYGATE_TOKEN_FILE": "the application's projected service-account token",
+}
+
+
+def _prefixed_environ() -> dict[str, str]:
+    # Upper-cased, as pydantic-settings matches names without regard to case.
+    return {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+
+
 class Settings(BaseSettings):
     """Everything the gateway can be told, with safe defaults."""
 
@@ -51,11 +80,27 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments, then variables, then secret files; no .env file.
+        return init_settings, env_settings, _SecretFiles(settings_cls)
+
     # The default is the strictest environment: a gateway deployed without saying where it
     # runs is treated as production.
     environment: Environment = "prod"
     dev_mode: bool = False
 
+    # Every secret (SecretStr) setting may come from a file instead of its variable:
+    # QUERYGATE_<NAME>_FILE=/path, or a file named QUERYGATE_<NAME> in this directory (a mounted
+    # Secret). One source per secret: two of them are an error.
+    secrets_dir: Path | None = None
     database_url: SecretStr | None = None
     db_pool_min: int = Field(1, ge=0, le=100)
     db_pool_max: int = Field(10, ge=1, le=500)
@@ -91,6 +136,43 @@ class Settings(BaseSettings):
     max_params: int = Field(1000, ge=0, le=65_535)
     max_rows: int = Field(1000, ge=1, le=10_000_000)
     statement_timeout_ms: int = Field(5000, ge=1, le=3_600_000)
+    # Deadlines and limits per caller (README, Settings). The end-to-end deadline of a request
+    # (default: the statement timeout + 1 s), then of a whole NDJSON stream; how long a
+    # statement waits for a free database connection.
+    request_timeout_ms: int | None = Field(None, ge=100, le=3_600_000)
+    stream_timeout_ms: int = Field(300_000, ge=100, le=86_400_000)
+    pool_acquire_timeout_ms: int = Field(2000, ge=10, le=600_000)
+    max_response_bytes: int = Field(32 << 20, ge=1024, le=1 << 40)
+    # Per identity (issuer, sub), per process; 0 turns the limit off.
+    max_concurrent_per_identity: int = Field(4, ge=0, le=10_000)
+    rate_limit_per_s: float = Field(50.0, ge=0, le=1_000_000)
+    rate_limit_burst: int = Field(100, ge=1, le=1_000_000)
+    # /healthz fails when the event loop was blocked longer than this (app/liveness.py).
+    liveness_max_loop_lag_ms: int = Field(2000, ge=100, le=600_000)
+    # How long `querygate serve` lets in-flight requests finish on SIGTERM before cancelling.
+    shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
+
+    @property
+    def request_timeout_s(self) -> float:
+        """The end-to-end deadline of a request, in seconds."""
+        ms = self.request_timeout_ms
+        return (self.statement_timeout_ms + 1000 if ms is None else ms) / 1000
+
+    @property
+    def stream_timeout_s(self) -> float:
+        """The end-to-end deadline of an NDJSON stream (never shorter than a request's)."""
+        return max(self.stream_timeout_ms / 1000, self.request_timeout_s)
+
+    @model_validator(mode="after")
+    def _deadlines_consistent(self) -> Settings:
+        timeout = self.request_timeout_s * 1000
+        if self.request_timeout_ms is not None and timeout <= self.statement_timeout_ms:
+            # The statement timeout ends a slow statement cleanly on the server; a request
+            # deadline below it would cut every slow statement by closing its connection.
+            raise ValueError(
+                f"{_env('request_timeout_ms')} must be greater than {_env('statement_timeout_ms')}"
+            )
+        return self
 
     # Identity (docs/identity.md). Issuers trusted besides the static key above, each with its
     # own JWKS (or OIDC discovery) and audience — typically the IdP and the cluster.
@@ -229,7 +311,19 @@ class Settings(BaseSettings):
     # Masking: the key of the deterministic `hash` strategy (HMAC-SHA-256). Required in prod,
     # where a missing key would make hashes reproducible by anyone who has the code.
     mask_hmac_key: SecretStr | None = None
-    mask_redact_token: str = "[REDACTED]"  # noqa: S105 - a placeholder shown, not a secret
+    mask_redact_token: str = Field(
+        "[REDACTED]", min_length=1, max_length=64, pattern=r"^[^'\\\x00]+$"
+    )  # a placeholder shown, not a secret; it becomes a literal in the masking views
+    # Masking profiles (docs/masking.md): how long the caller's masking_profile decision is
+    # reused (it depends on the identity, the catalog and the bundle revision only), and how
+    # many profiles (a role, views and a pool each) may be open at once.
+    profile_cache_ttl_s: float = Field(30.0, ge=0, le=3600)
+    # The role DDL runs as (SET LOCAL ROLE) when the decision names no db_role: the owner of
+    # the exposed tables. The login role is a member WITH SET TRUE, INHERIT FALSE, so it can
+    # act as the owner for a migration but owns nothing itself (checked in prod).
+    ddl_role: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    max_profiles: int = Field(64, ge=1, le=1000)
+    profile_pool_max: int = Field(10, ge=1, le=500)
     stream_batch_rows: int = Field(500, ge=1, le=100_000)
 
     # Audit trail (docs/audit.md). Every event is appended to a local spool (fsynced) before
@@ -383,8 +477,113 @@ class Settings(BaseSettings):
             )
 
 
+def secret_fields() -> dict[str, str | None]:
+    """Each secret setting and its ``*_FILE`` variable (None where a setting has that name)."""
+    fields = Settings.model_fields
+    return {
+        name: None if f"{name}_file" in fields else _env(name) + "_FILE"
+        for name, field in fields.items()
+        if SecretStr in (field.annotation, *get_args(field.annotation))
+    }
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """Secret settings read from ``QUERYGATE_<NAME>_FILE`` or the secrets directory."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every secret at once
+
+    def __call__(self) -> dict[str, Any]:
+        given = self.settings_sources_data.get("InitSettingsSource", {})
+        variables = self.settings_sources_data.get("EnvSettingsSource", {})
+        environ = _prefixed_environ()
+        secrets = secret_fields()
+        in_dir = self._directory(given.get("secrets_dir", variables.get("secrets_dir")), secrets)
+        values: dict[str, Any] = {}
+        for name, file_var in secrets.items():
+            if name in given:
+                continue  # arguments (tests, `querygate dev`) win, as over variables
+            found = [_env(name)] if name in variables else []
+            paths = []
+            if file_var is not None and file_var in environ:
+                found.append(file_var)
+                paths.append((file_var, Path(environ[file_var])))
+            if name in in_dir:
+                found.append(str(in_dir[name]))
+                paths.append((_env("secrets_dir"), in_dir[name]))
+            if len(found) > 1:
+                raise ConfigError(f"{_env(name)} is given more than once: set only one of "
+                                  + " and ".join(found))
+            if paths:
+                values[name] = _read_secret(*paths[0])
+        return values
+
+    @staticmethod
+    def _directory(value: object, secrets: dict[str, str | None]) -> dict[str, Path]:
+        if value is None or value == "":
+            return {}
+        directory = Path(str(value))
+        if not directory.is_dir():
+            raise ConfigError(f"{_env('secrets_dir')}: {directory} is not a directory")
+        wanted = {_env(name): name for name in secrets}
+        found: dict[str, Path] = {}
+        for entry in sorted(directory.iterdir()):
+            if entry.name.startswith("."):
+                continue  # a mounted Secret's ..data and timestamped directories
+            name = wanted.get(entry.name.upper())
+            if name is None:
+                # A misspelled file would be ignored as silently as a misspelled variable.
+                hint = difflib.get_close_matches(entry.name.upper(), wanted, n=1)
+                raise ConfigError(
+                    f"{_env('secrets_dir')}: {entry.name} in {directory} is not a secret setting"
+                    + (f" (did you mean {hint[0]}?)" if hint else f"; expected {sorted(wanted)}")
+                )
+            found[name] = entry
+        return found
+
+
+def _read_secret(variable: str, path: Path) -> str:
+    try:
+        # Surrounding whitespace (the newline `echo` leaves) is never part of the secret.
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return value
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One message per ``QUERYGATE_*`` variable nothing reads, with a "did you mean" hint."""
+    names = set(_prefixed_environ() if environ is None else (k.upper() for k in environ))
+    secrets = secret_fields()
+    known = {_env(name) for name in Settings.model_fields} | set(OTHER_VARIABLES) | {
+        file_var for file_var in secrets.values() if file_var is not None
+    }
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    problems = []
+    for name in sorted(names - known):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        base = name.removesuffix("_FILE").removeprefix(ENV_PREFIX).lower()
+        if name.endswith("_FILE") and base in Settings.model_fields:
+            problems.append(f"{name}: {_env(base)} is not a secret; only "
+                            f"{', '.join(_env(s) for s in secrets)} can be read from a file")
+            continue
+        # Compared without the prefix, which every name shares.
+        hint = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+        problems.append(f"{name} is not a setting"
+                        + (f" (did you mean {suffixes[hint[0]]}?)" if hint else ""))
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment plus overrides; errors name the variable."""
+    unknown = unknown_variables()
+    if unknown:
+        raise ConfigError("unknown variables: " + "; ".join(unknown))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

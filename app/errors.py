@@ -8,7 +8,9 @@ Hierarchy::
      ├── Forbidden           403      policy or the gateway's allow-list said no
      ├── PayloadTooLarge     413      body or SQL over its limit
      ├── Unprocessable       422      well-formed but unusable (unknown table, bad parameter)
-     └── Unavailable         503      a dependency (OPA, PostgreSQL) cannot answer: fail closed
+     ├── TooManyRequests     429      a limit per caller (rate, concurrency); Retry-After
+     ├── Unavailable         503      a dependency (OPA, PostgreSQL) cannot answer: fail closed
+     └── GatewayTimeout      504      the request ran past its deadline
 
 Stages raise these; library errors (httpx, asyncpg, sqlglot, PyJWT) are translated at the
 boundary of the stage that calls the library, with ``raise … from exc``, so the API layer
@@ -80,8 +82,21 @@ class Unprocessable(GatewayError):
     status = 422
 
 
+class TooManyRequests(GatewayError):
+    status = 429
+
+    def __init__(self, code: str, message: str, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(code, message, retry_after_s=retry_after_s, **extra)
+        # Sent as they are with the error (the API's exception handler).
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class Unavailable(GatewayError):
     status = 503
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
 
 
 class Internal(GatewayError):

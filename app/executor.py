@@ -8,27 +8,37 @@
   statement can change it, since SET and set_config() never pass the extractor and the pool's
   RESET ALL on release restores it. Results are capped at max_rows + 1 rows to report
   ``truncated`` without reading the rest.
-- PostgreSQL errors become 4xx GatewayErrors carrying the server's message and SQLSTATE,
-  never the DSN or a stack trace.
+- PostgreSQL errors become GatewayErrors (app/dberrors.py) carrying the SQLSTATE and no
+  value, never the DSN or a stack trace.
+- Every use of a connection has a deadline (the request's): a timer of the event loop
+  terminates the connection if it is still in use then (``_Watchdog``), which wakes any call
+  waiting on it, whatever task awaits it; asyncpg's pool replaces a terminated connection,
+  so a wedged call never holds one past the deadline nor returns it usable. Waiting for a
+  free connection is bounded too (``pool_exhausted``).
+- Rows are fetched in batches sized by the widest row seen so far (about ``BATCH_BYTES``),
+  so huge rows are never many in memory at once, and a JSON answer stops adding rows at its
+  byte cap (``truncated_reason: response_bytes``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import decimal
 import ipaddress
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from app import dberrors
 from app.errors import (
     Forbidden,
     GatewayError,
-    RequestTimeout,
+    GatewayTimeout,
     Unavailable,
     Unprocessable,
 )
@@ -48,23 +58,22 @@ class Result:
     truncated: bool
     status: str
     rows_affected: int | None
+    # Why rows are missing: "max_rows" or "response_bytes" (None when nothing is).
+    truncated_reason: str | None = None
+
+
+def _undecodable(exc: Exception) -> GatewayError:
+    # asyncpg's codecs raise Python errors that quote the value (`year 11000 is out of
+    # range`); the answer and, with `from None` at the raise, any logged traceback do not.
+    return Unprocessable(
+        "result_not_representable",
+        f"a result value could not be represented ({type(exc).__name__}); values are not shown",
+    )
 
 
 def _server_error(exc: asyncpg.PostgresError) -> GatewayError:
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    message = getattr(exc, "message", None) or str(exc)
-    extra = {"sqlstate": sqlstate}
-    if sqlstate == "57014":
-        return RequestTimeout(
-            "statement_timeout", "the statement was cancelled by the statement timeout", **extra
-        )
-    if sqlstate == "25006":
-        return Forbidden("read_only_violation", f"refused by the database: {message}", **extra)
-    if sqlstate.startswith("42501") or sqlstate == "42501":
-        return Forbidden("database_permission_denied", f"refused by the database: {message}", **extra)
-    if sqlstate.startswith("08") or sqlstate.startswith("57P"):
-        return Unavailable("database_unavailable", "the database connection failed", **extra)
-    return Unprocessable("database_error", message, **extra)
+    # app/dberrors.py owns the translation, and keeps values out of it.
+    return dberrors.translate(exc)
 
 
 _INT_TYPES = {"int2", "int4", "int8", "oid"}
@@ -79,15 +88,15 @@ def bind_params(params: Sequence[Any], types: Sequence[Any]) -> list[Any]:
             "invalid_parameters",
             f"the statement expects {len(types)} parameters; {len(params)} were given",
         )
+    # For asyncpg's own encoding errors, raised later: they name the position only.
+    dberrors.expect_parameters([typ.name for typ in types])
     bound = []
     for position, (value, typ) in enumerate(zip(params, types, strict=True), start=1):
         try:
             bound.append(_convert(value, typ.name))
         except (TypeError, ValueError, ArithmeticError) as exc:
-            raise Unprocessable(
-                "invalid_parameters",
-                f"parameter ${position} is not a valid {typ.name}: {exc}",
-            ) from exc
+            # Position and type only: the reason often quotes the value.
+            raise dberrors.parameter_error(position, typ.name) from exc
     return bound
 
 
@@ -137,6 +146,26 @@ def _convert(value: Any, type_name: str) -> Any:
 
 
 Planner = Callable[[tuple[Column, ...]], Any]
+Prelude = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and as what a statement runs.
+
+    ``pool`` is a masking profile's (app/profiles.py) or, for DDL, the login role's; ``sql``
+    is the text PostgreSQL receives (the caller's, or with schema qualifiers pointed at the
+    profile's views); ``db_role`` is SET LOCAL on the login pool only (a profile's role
+    already has its privileges); ``masked`` names the source columns whose values the
+    database masks, whose output types therefore differ from the catalog's; ``prelude``
+    runs first inside the transaction (dropping the profile views a DDL would trip over).
+    """
+
+    pool: asyncpg.Pool
+    sql: str
+    db_role: str | None = None
+    masked: frozenset[str] = frozenset()
+    prelude: Prelude | None = None
 
 
 async def _prepare(conn: asyncpg.Connection, sql: str) -> Any:
@@ -151,6 +180,57 @@ async def _prepare(conn: asyncpg.Connection, sql: str) -> Any:
     schema change invalidates it (``InvalidCachedStatementError``, retried once by ``run``).
     """
     return await conn._prepare(sql, use_cache=True)
+
+
+def _past_deadline() -> GatewayError:
+    return GatewayTimeout(
+        "request_timeout",
+        "the request ran past its deadline (QUERYGATE_REQUEST_TIMEOUT_MS, or for a stream "
+        "QUERYGATE_STREAM_TIMEOUT_MS); its database connection was closed, which rolls back "
+        "a write unless its commit had been sent",
+    )
+
+
+class _Watchdog:
+    """Terminates a connection still in use at its deadline.
+
+    A timer of the event loop, not a task cancellation: it fires whichever task awaits the
+    connection, or none (a stream's generator suspended while the client reads), and asyncpg
+    wakes every call pending on a terminated connection. A call that never completes (asyncpg
+    waiting forever on a server message it could not decode,
+    docs/upstream/asyncpg-utf8-hang.md) ends here.
+    """
+
+    __slots__ = ("_timer", "conn", "deadline", "fired")
+
+    def __init__(self, conn: asyncpg.Connection, deadline: float) -> None:
+        self.conn = conn
+        self.fired = False
+        self.deadline = deadline
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+    def arm(self, deadline: float) -> None:
+        """Move the deadline (a stream's answer has started: its own deadline applies)."""
+        self._timer.cancel()
+        self.deadline = deadline
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        # Closes the socket now; the pool replaces the connection on a later acquire, and
+        # the server's statement_timeout ends whatever the backend was still running.
+        with contextlib.suppress(asyncpg.InterfaceError):  # lost and given back already
+            self.conn.terminate()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _open(conn: asyncpg.Connection) -> bool:
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # closed, and already given back to its pool
+        return False
 
 
 def connection_settings(statement_timeout_ms: int) -> dict[str, str]:
@@ -191,66 +271,134 @@ class Executor:
     """Runs governed statements on a pool opened with ``connection_settings`` (and, for the
     cheap release of reads, ``CleanSessions`` as its reset)."""
 
-    def __init__(self, pool: asyncpg.Pool, sessions: CleanSessions | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sessions: CleanSessions | None = None,
+        *,
+        acquire_timeout_s: float = 2.0,
+        timeout_s: float = 30.0,
+    ) -> None:
         self._pool = pool
         self._sessions = sessions
+        # The wait for a free connection, and the deadline of a call given none.
+        self._acquire_timeout_s = acquire_timeout_s
+        self._timeout_s = timeout_s
+        # The connections in use now, with their deadlines (wedged_pools).
+        self._held: dict[_Watchdog, asyncpg.Pool] = {}
+
+    def wedged_pools(self, grace_s: float = 1.0) -> int:
+        """How many pools have every connection in use past its deadline (for /healthz).
+
+        The watchdog terminates a connection at its deadline, so one still open well past
+        it means the bound itself failed, or the event loop is too blocked to run timers.
+        """
+        now = asyncio.get_running_loop().time()
+        overdue: dict[asyncpg.Pool, int] = {}
+        for watchdog, pool in self._held.items():
+            if now > watchdog.deadline + grace_s and not watchdog.fired and _open(watchdog.conn):
+                overdue[pool] = overdue.get(pool, 0) + 1
+        return sum(1 for pool, n in overdue.items() if n >= pool.get_max_size())
+
+    def target(self, sql: str, db_role: str | None = None) -> Target:
+        """The login role's pool: DDL, and callers of code that predates profiles."""
+        return Target(self._pool, sql, db_role)
 
     @contextlib.asynccontextmanager
     async def _prepared(
-        self, sql: str, facts: QueryFacts, db_role: str | None
-    ) -> AsyncIterator[tuple[asyncpg.Connection, Any, tuple[Column, ...]]]:
-        """A connection in a transaction with ``sql`` prepared and cross-checked."""
+        self, target: Target, facts: QueryFacts, deadline: float | None = None
+    ) -> AsyncIterator[tuple[asyncpg.Connection, Any, tuple[Column, ...], _Watchdog]]:
+        """A connection in a transaction with ``sql`` prepared and cross-checked.
+
+        ``deadline`` (the event loop's clock; default ``timeout_s`` from now) bounds the
+        wait for a connection and, through the watchdog, every call made on it.
+        """
         readonly = facts.kind == "select" and not facts.tables_write
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self._timeout_s
+        wait = min(self._acquire_timeout_s, deadline - loop.time())
+        if wait <= 0:
+            raise _past_deadline()
+        watchdog: _Watchdog | None = None
         try:
-            async with self._pool.acquire() as conn:
+            async with target.pool.acquire(timeout=wait) as conn:
+                watchdog = _Watchdog(conn, deadline)
+                self._held[watchdog] = target.pool
                 try:
-                    async with conn.transaction(readonly=readonly):
-                        if db_role is not None:
-                            # Least privilege in the database as well: the decision's role,
-                            # for this transaction only. The name was validated as a plain
-                            # identifier.
-                            await conn.execute(f'SET LOCAL ROLE "{db_role}"')
-                        statement = await _prepare(conn, sql)
-                        columns = tuple(
-                            Column(attr.name, attr.type.name)
-                            for attr in statement.get_attributes()
-                        )
-                        cross_check(facts, columns)
-                        yield conn, statement, columns
-                except asyncpg.InvalidCachedStatementError:
-                    # Unlike fetch(), the cursor path leaves the stale statement cached.
-                    await conn.reload_schema_state()
-                    raise
-                if readonly and self._sessions is not None:
-                    # Committed, and it was a read: nothing to reset (CleanSessions).
-                    self._sessions.mark(conn)
+                    try:
+                        async with conn.transaction(readonly=readonly):
+                            if target.prelude is not None:
+                                await target.prelude(conn)
+                            if target.db_role is not None:
+                                # Least privilege in the database as well: the decision's
+                                # role, for this transaction only. The name was validated as
+                                # a plain identifier.
+                                await conn.execute(f'SET LOCAL ROLE "{target.db_role}"')
+                            statement = await _prepare(conn, target.sql)
+                            columns = tuple(
+                                Column(attr.name, attr.type.name)
+                                for attr in statement.get_attributes()
+                            )
+                            cross_check(facts, columns, target.masked)
+                            yield conn, statement, columns, watchdog
+                    except asyncpg.InvalidCachedStatementError:
+                        # Unlike fetch(), the cursor path leaves the stale statement cached.
+                        await conn.reload_schema_state()
+                        raise
+                    if readonly and self._sessions is not None:
+                        # Committed, and it was a read: nothing to reset (CleanSessions).
+                        self._sessions.mark(conn)
+                finally:
+                    # Before the connection goes back: the timer must never fire on it once
+                    # another request holds it.
+                    watchdog.cancel()
+                    del self._held[watchdog]
         except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
         except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if watchdog is not None and watchdog.fired:
+                # Whatever the interrupted call raised (connection closed in the middle of
+                # an operation, or the rollback after it), the cause is the deadline.
+                raise _past_deadline() from None
+            if watchdog is None and isinstance(exc, TimeoutError):
+                if wait < self._acquire_timeout_s:
+                    raise _past_deadline() from None
+                raise Unavailable(
+                    "pool_exhausted",
+                    f"no database connection became free within {wait * 1000:.0f} ms "
+                    "(QUERYGATE_POOL_ACQUIRE_TIMEOUT_MS); retry later",
+                ) from None
             raise Unavailable("database_unavailable", "the database is unreachable") from exc
 
     async def run(
         self,
-        sql: str,
+        target: Target,
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int,
         planner: Planner,
-        db_role: str | None = None,
         max_rows_affected: int | None = None,
+        *,
+        deadline: float | None = None,
+        encode: Callable[[Any], bytes] | None = None,
+        max_bytes: int | None = None,
     ) -> Result:
         """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back.
 
         ``planner`` sees the server's columns before anything executes and returns the
         masking plan; it may refuse (raise), and then nothing has run. A write that affects
-        more than ``max_rows_affected`` rows is rolled back.
+        more than ``max_rows_affected`` rows is rolled back. With ``encode``, the rows come
+        back encoded, and no more of them than fit in ``max_bytes``. ``deadline`` is the
+        event loop's time by which everything is over (a connection in use then is closed).
         """
         for attempt in (1, 2):
             try:
-                return await self._run(sql, params, facts, max_rows, planner, db_role,
-                                       max_rows_affected)
+                return await self._run(target, params, facts, max_rows, planner,
+                                       max_rows_affected, deadline, _Answer(
+                                           max_rows, encode, max_bytes))
             except asyncpg.InvalidCachedStatementError as exc:
                 # A schema change invalidated the cached statement: the transaction rolled
                 # back, so nothing ran, and _prepared dropped the cache. Prepare afresh, once.
@@ -260,22 +408,30 @@ class Executor:
 
     async def _run(
         self,
-        sql: str,
+        target: Target,
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int,
         planner: Planner,
-        db_role: str | None,
         max_rows_affected: int | None,
+        deadline: float | None,
+        answer: _Answer,
     ) -> Result:
         writes = facts.kind in ("insert", "update", "delete", "merge")
+        rows: list[Any] = []
         try:
-            async with self._prepared(sql, facts, db_role) as (_, statement, columns):
+            async with self._prepared(target, facts, deadline) as (_, statement, columns, _w):
                 mask = planner(columns)
                 args = bind_params(params, statement.get_parameters())
                 if columns and not writes:
-                    cursor = await statement.cursor(*args)
-                    rows = await cursor.fetch(max_rows + 1)
+                    # Masked (and encoded) batch by batch: besides the answer, which stops at
+                    # its caps, at most one batch of rows is held.
+                    async with contextlib.aclosing(
+                        _batches(statement, args, max_rows + 1, max_rows + 1)
+                    ) as batches:
+                        async for batch in batches:
+                            if not answer.add(mask.apply_all(batch)):
+                                break
                 else:
                     # A write runs to completion whatever is fetched; fetching it all gives
                     # the status that says how many rows it touched.
@@ -300,42 +456,49 @@ class Executor:
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
-        truncated = len(rows) > max_rows
-        if truncated:
-            rows = rows[:max_rows]
+        except (ValueError, ArithmeticError) as exc:
+            raise _undecodable(exc) from None
+        if rows:
+            # A write's RETURNING rows, masked once its blast radius was checked.
+            answer.add(mask.apply_all(rows[: max_rows + 1]))
         return Result(
             columns=mask.columns,
-            rows=mask.apply_all(rows),
-            truncated=truncated,
+            rows=answer.rows,
+            truncated=answer.cut is not None,
             status=status,
             rows_affected=affected,
+            truncated_reason=answer.cut,
         )
 
     async def stream(
         self,
-        sql: str,
+        target: Target,
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int | None,
         planner: Planner,
         batch_rows: int,
-        db_role: str | None = None,
-        max_rows_affected: int | None = None,
+        *,
+        deadline: float | None = None,
+        stream_deadline: float | None = None,
     ) -> AsyncIterator[Any]:
         """Yield the masking plan, then batches of masked rows, through a server-side cursor.
 
-        Memory stays bounded by ``batch_rows``; the connection is held until the generator
-        is exhausted or closed (a client that disconnects closes it).
+        Memory stays bounded by ``batch_rows`` (fewer for wide rows); the connection is held
+        until the generator is exhausted or closed (a client that disconnects closes it),
+        and closed at ``deadline`` until the plan is out, at ``stream_deadline`` after.
         """
         if facts.kind != "select":
             # Writes are answered whole, where the blast radius can be checked before commit.
             raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
                                 "application/x-ndjson Accept header for writes")
         try:
-            async with self._prepared(sql, facts, db_role) as (_, statement, columns):
+            async with self._prepared(target, facts, deadline) as (_, statement, columns, dog):
                 mask = planner(columns)
                 args = bind_params(params, statement.get_parameters())
                 yield mask
+                if stream_deadline is not None:
+                    dog.arm(stream_deadline)
                 sent = 0
                 async for batch in _batches(statement, args, batch_rows, max_rows):
                     sent += len(batch)
@@ -344,32 +507,94 @@ class Executor:
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
+        except (ValueError, ArithmeticError) as exc:
+            raise _undecodable(exc) from None
+
+
+class _Answer:
+    """The rows of a JSON answer: up to ``limit`` rows, and (encoded) up to ``max_bytes``."""
+
+    __slots__ = ("cut", "encode", "limit", "max_bytes", "rows", "size")
+
+    def __init__(
+        self, limit: int, encode: Callable[[Any], bytes] | None, max_bytes: int | None
+    ) -> None:
+        self.limit = limit
+        self.encode = encode
+        self.max_bytes = max_bytes
+        self.rows: list[Any] = []
+        self.size = 0
+        self.cut: str | None = None  # "max_rows" or "response_bytes" once a cap is reached
+
+    def add(self, rows: Sequence[Any]) -> bool:
+        """Add masked rows; False once a cap is reached (no more are wanted)."""
+        for row in rows:
+            if len(self.rows) >= self.limit:
+                self.cut = "max_rows"
+                return False
+            if self.encode is not None:
+                data = self.encode(row)
+                if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
+                    self.cut = "response_bytes"
+                    return False
+                self.size += len(data)
+                row = data
+            self.rows.append(row)
+        return True
+
+
+# A batch is sized to hold about BATCH_BYTES, judged by the widest row of the batch before
+# (FIRST_BATCH_ROWS first, when nothing is known): `SELECT repeat('x', 500000) …` fetches two
+# rows at a time, not the 500 MB of a fixed batch of a thousand.
+BATCH_BYTES = 1 << 20
+FIRST_BATCH_ROWS = 16
+
+
+def _width(batch: Sequence[Any]) -> int:
+    """The widest of up to nine rows sampled from ``batch``, in bytes (an estimate)."""
+    widest = 1
+    for row in batch[:: max(1, len(batch) // 8)]:
+        size = 0
+        for value in row:
+            if isinstance(value, (str, bytes, bytearray)):
+                size += len(value)
+            elif isinstance(value, (list, tuple)):
+                size += 8 * len(value)
+            else:
+                size += 8
+        widest = max(widest, size)
+    return widest
 
 
 async def _batches(
     statement: Any, args: list[Any], batch_rows: int, max_rows: int | None
-) -> AsyncIterator[list[Any]]:
+) -> AsyncGenerator[list[Any], None]:
     cursor = await statement.cursor(*args)
     remaining = max_rows
+    size = min(batch_rows, FIRST_BATCH_ROWS)
     while remaining is None or remaining > 0:
-        size = batch_rows if remaining is None else min(batch_rows, remaining)
-        batch = await cursor.fetch(size)
+        want = size if remaining is None else min(size, remaining)
+        batch = await cursor.fetch(want)
         if not batch:
             return
         if remaining is not None:
             remaining -= len(batch)
         yield batch
-        if len(batch) < size:
+        if len(batch) < want:
             return
+        size = max(1, min(batch_rows, BATCH_BYTES // _width(batch)))
 
 
-def cross_check(facts: QueryFacts, columns: Sequence[Column]) -> None:
+def cross_check(
+    facts: QueryFacts, columns: Sequence[Column], masked: frozenset[str] = frozenset()
+) -> None:
     """The server's view of the prepared statement must agree with the facts.
 
     A disagreement means the catalog is stale (a column was added or retyped) or the parser
     saw something other than what PostgreSQL will run; either way the facts policy decided
     on are not the query's, so it must not run. Names and types are compared where the facts
-    know them for certain: outputs that pass a base column through unchanged.
+    know them for certain: outputs that pass a base column through unchanged (a column the
+    database masks keeps its name but may change its type, to text).
     """
     if len(columns) != len(facts.outputs):
         raise Forbidden(
@@ -380,7 +605,8 @@ def cross_check(facts: QueryFacts, columns: Sequence[Column]) -> None:
     for position, (column, output) in enumerate(zip(columns, facts.outputs, strict=True), 1):
         if output.derivation != "direct":
             continue
-        if column.name != output.name or (output.type is not None and column.type != output.type):
+        typed = output.type is not None and not masked.intersection(output.sources)
+        if column.name != output.name or (typed and column.type != output.type):
             raise Forbidden(
                 "facts_mismatch",
                 f"output {position} is {column.name} ({column.type}) on the server but "

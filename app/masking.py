@@ -77,11 +77,12 @@ def make_masker(strategy: str, source_type: str, key: bytes, token: str) -> tupl
             if value is None:
                 return None
             text = _text(value)
-            digits = sum(ch.isdigit() for ch in text)
+            # ASCII digits, as the database's querygate_mask.pan() counts them.
+            digits = sum("0" <= ch <= "9" for ch in text)
             keep = 4 if digits >= 12 else 0  # too short to be a card: keep nothing
             out, seen = [], 0
             for ch in text:
-                if ch.isdigit():
+                if "0" <= ch <= "9":
                     seen += 1
                     out.append(ch if seen > digits - keep else "*")
                 else:
@@ -149,8 +150,15 @@ def plan(
     columns: Sequence[Column],
     key: bytes,
     token: str,
+    enforced: frozenset[str] = frozenset(),
 ) -> MaskPlan:
-    """Build the masking plan for this result; deny where the policy said so."""
+    """Build the masking plan for this result; deny where the policy said so.
+
+    ``enforced`` names the source columns the database already masks (the statement ran
+    under a masking profile, app/profiles.py): an output passing one through unchanged
+    is masked by PostgreSQL and only named here; masking it again would hash a hash. Outputs
+    computed from masked columns still get the policy's full ``derived_mask`` on top.
+    """
     maskers: list[tuple[int, Masker]] = []
     reported: list[Column] = []
     masked: dict[str, str] = {}
@@ -164,6 +172,10 @@ def plan(
             continue
         if output.derivation == "direct" and len(strategies) == 1:
             strategy = strategies.pop()
+            if {src for src in output.sources if src in decision.masks} <= enforced:
+                reported.append(column)
+                masked[column.name] = strategy
+                continue
         elif decision.derived_mask == "deny":
             raise Forbidden(
                 "masked_derivation",

@@ -81,6 +81,21 @@ def _unavailable(message: str) -> Unavailable:
     return Unavailable("policy_unavailable", message)
 
 
+def _check_masks(masks: object, what: str) -> dict[str, str]:
+    """``masks``, which must map column names to known strategies, or the answer is
+    malformed."""
+    if not isinstance(masks, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in masks.items()
+    ):
+        raise _unavailable(f"malformed {what}: masks must map column names to strategies")
+    unknown = sorted(
+        {v for v in masks.values() if v not in MASK_STRATEGIES and not _PARTIAL.match(v)}
+    )
+    if unknown:
+        raise _unavailable(f"malformed {what}: unknown mask strategies {unknown}")
+    return dict(masks)
+
+
 def parse_decision(result: object, decision_id: str) -> Decision:
     """Validate OPA's result strictly; anything unexpected is a malformed decision."""
     if not isinstance(result, dict):
@@ -99,15 +114,7 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         for r in reasons
     ):
         raise _unavailable("malformed decision: reasons must be a list of {rule, message}")
-    if not isinstance(masks, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in masks.items()
-    ):
-        raise _unavailable("malformed decision: masks must map column names to strategies")
-    unknown = sorted(
-        {v for v in masks.values() if v not in MASK_STRATEGIES and not _PARTIAL.match(v)}
-    )
-    if unknown:
-        raise _unavailable(f"malformed decision: unknown mask strategies {unknown}")
+    masks = _check_masks(masks, "decision")
     derived = result.get("derived_mask", "redact")
     if derived not in DERIVED_MASKS:
         raise _unavailable("malformed decision: derived_mask must be redact, null or deny")
@@ -314,7 +321,8 @@ class PolicyClient:
         self._open = False
         self._transport = DecisionTransport(opa_url)
         self._paths = {
-            rule: f"/v1/data/{self._package}/{rule}" for rule in (self._rule, "approver_decision")
+            rule: f"/v1/data/{self._package}/{rule}"
+            for rule in (self._rule, "approver_decision", "masking_profile")
         }
 
     async def _session(self) -> AsyncOpaClient:
@@ -338,6 +346,13 @@ class PolicyClient:
         decision = parse_decision(payload.get("result"), decision_id)
         revision = bundle_revision(payload.get("provenance"))
         return dataclasses.replace(decision, bundle_revision=revision) if revision else decision
+
+    async def masking_profile(self, input_: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+        """The masks of the caller's profile (``masking_profile``) and the bundle revision."""
+        payload = await self._query("masking_profile", input_, provenance=True)
+        result = payload.get("result")
+        masks = result.get("masks") if isinstance(result, dict) else None
+        return _check_masks(masks, "masking profile"), bundle_revision(payload.get("provenance"))
 
     async def approver_decide(self, input_: dict[str, Any]) -> tuple[bool, list[Reason]]:
         """May this identity approve or reject this approval? (``approver_decision``)."""

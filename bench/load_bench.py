@@ -397,19 +397,79 @@ def start_passthrough(dsn: str, work: Path) -> Server:
     return Server(url, process.pid, lambda: terminate(process, 10))
 
 
-def start_querygate(dsn: str, opa_url: str, work: Path) -> tuple[Server, dict[str, str]]:
+def start_querygate(dsn: str, opa_url: str, work: Path, source: Path = REPO_ROOT,
+                    name: str = "gateway") -> tuple[Server, dict[str, str]]:
     key = work / "dev-key.pem"
     settings = load_settings(dev_mode=True, environment="staging", dev_signing_key_file=key)
     tokens = {user: mint_dev_token(settings, user, list(groups), ttl_s=24 * 3600)
               for user, groups in (("alice", ("analysts",)), ("dana", ("dba",)))}
-    gateway = start_gateway(
-        {"environment": "staging", "dev_mode": "true", "dev_signing_key_file": str(key),
-         "database_url": dsn, "opa_url": opa_url, "log_level": "warning",
-         "audit_spool_dir": str(work / "audit"), "db_pool_min": str(POOL_SIZE),
-         "db_pool_max": str(POOL_SIZE), "mask_hmac_key": "bench-" + "k" * 32},
-        work / "gateway.log",
-    )
+    settings = {
+        "environment": "staging", "dev_mode": "true", "dev_signing_key_file": str(key),
+        "database_url": dsn, "opa_url": opa_url, "log_level": "warning",
+        "audit_spool_dir": str(work / f"audit-{name}"), "db_pool_min": str(POOL_SIZE),
+        "db_pool_max": str(POOL_SIZE), "mask_hmac_key": "bench-" + "k" * 32,
+    }
+    if source == REPO_ROOT:
+        # Each masking profile's pool (docs/masking.md) as large as the login pool.
+        settings["profile_pool_max"] = str(POOL_SIZE)
+        # One identity drives every client, and the stream is a million rows: the limits per
+        # caller (README) are off, so the run measures the gateway rather than its limits.
+        settings |= {"rate_limit_per_s": "0", "max_concurrent_per_identity": "0",
+                     "max_response_bytes": str(1 << 30)}
+    gateway = start_gateway(settings, work / f"{name}.log", source=source)
     return Server(gateway.url, gateway.process.pid, gateway.stop), tokens
+
+
+def start_baseline(commit: str, pg: Any, work: Path) -> Server:
+    """Another commit's gateway (and its own rego/ in its own OPA), on the same database."""
+    source = work / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", str(source), commit], cwd=REPO_ROOT,
+                   check=True, capture_output=True)
+    opa = start_opa([source / "rego"])
+    # Older commits ran statements as the login role, which here reads nothing itself: for
+    # the benchmark only, it is given what the baseline needs on the tables.
+    async def grant() -> None:
+        conn = await asyncpg.connect(pg.admin_dsn.replace("/postgres?", "/appdb?"))
+        try:
+            await conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "
+                               "public TO querygate")
+        finally:
+            await conn.close()
+
+    asyncio.run(grant())
+    server, _ = start_querygate(pg.app_dsn, opa.url, work, source=source, name="baseline")
+
+    def stop() -> None:
+        server.stop()
+        opa.stop()
+        subprocess.run(["git", "worktree", "remove", "--force", str(source)], cwd=REPO_ROOT,
+                       check=False, capture_output=True)
+
+    return Server(server.url, server.pid, stop)
+
+
+def compare(baseline: Server, current: Server, w: Workload, clients: int, args: Any,
+            token: str) -> dict[str, Any]:
+    """Median throughput of each over alternating runs: drift on a busy machine hits both."""
+    for name, server in (("baseline", baseline), ("current", current)):
+        probe = httpx.post(f"{server.url}/v1/query", timeout=30,
+                           headers={"authorization": f"Bearer {token}"},
+                           json={"sql": w.sql, "params": concrete_params(w, 7)})
+        if probe.status_code != 200:
+            raise SystemExit(f"{name} answered {probe.status_code}: {probe.text[:500]}")
+    runs: dict[str, list[float]] = {"baseline": [], "current": []}
+    for _ in range(args.baseline_rounds):
+        for name, server in (("baseline", baseline), ("current", current)):
+            if args.warmup > 0:
+                run_wrk(server.url, w, clients, args.warmup, token)
+            result = wrk_row(run_wrk(server.url, w, clients, args.duration, token), w, clients,
+                             name)
+            if result.errors:
+                raise SystemExit(f"{name}: {result.errors} errors in the comparison run")
+            runs[name].append(result.throughput)
+    base, cur = statistics.median(runs["baseline"]), statistics.median(runs["current"])
+    return {"clients": clients, "baseline": base, "current": cur, "ratio": cur / base,
+            "runs": runs}
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -493,6 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--opa-calls", type=int, default=2000,
                         help="decisions timed for the OPA round-trip target")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--baseline", default=None, metavar="COMMIT",
+                        help="also run this commit's gateway, interleaved with this tree's, on "
+                        "the masked point SELECT (same database, same machine, same run)")
+    parser.add_argument("--baseline-rounds", type=int, default=3,
+                        help="alternating runs of each gateway per concurrency level")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -501,28 +566,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     opa = start_opa()
     servers: list[Server] = []
     try:
-        asyncio.run(_fill_events(pg.app_dsn, args.stream_rows))
-        customers = asyncio.run(_table_size(pg.app_dsn, "customers"))
-        orders = asyncio.run(_table_size(pg.app_dsn, "orders"))
+        # The gateway's login role reads nothing itself (masking profiles do, docs/masking.md);
+        # the direct path and the passthrough connect as the tables' owner, as an application.
+        asyncio.run(_fill_events(pg.owner_dsn, args.stream_rows))
+        customers = asyncio.run(_table_size(pg.owner_dsn, "customers"))
+        orders = asyncio.run(_table_size(pg.owner_dsn, "orders"))
         placement = cpus()
         if placement is not None:
             os.sched_setaffinity(0, placement[0])  # this process and wrk, after PG and OPA
-        passthrough = start_passthrough(pg.app_dsn, work)
+        passthrough = start_passthrough(pg.owner_dsn, work)
         servers.append(passthrough)
         querygate, tokens = start_querygate(pg.app_dsn, opa.url, work)
         servers.append(querygate)
+        baseline = None
+        if args.baseline:
+            baseline = start_baseline(args.baseline, pg, work)
+            servers.append(baseline)
         if placement is not None:
             for server in servers:
                 pin(server.pid, placement[1])
 
         rows: list[Row] = []
         for w in workloads(customers, orders):
-            expected = asyncio.run(_direct_rows(pg.app_dsn, w))
+            expected = asyncio.run(_direct_rows(pg.owner_dsn, w))
             check(passthrough.url, w, "", expected, masked=False)
             check(querygate.url, w, tokens[w.user], expected, masked=True)
             for clients in levels:
                 print(f"... {w.name} at {clients} client(s)", file=sys.stderr, flush=True)
-                rows.append(run_direct(pg.app_dsn, w, clients, args.duration, args.warmup))
+                rows.append(run_direct(pg.owner_dsn, w, clients, args.duration, args.warmup))
                 by_target = {}
                 for target, server, token in (("passthrough", passthrough, ""),
                                               ("querygate", querygate, tokens[w.user])):
@@ -540,9 +611,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 governed.ratio = governed.throughput / base.throughput if base.throughput else 0
                 governed.added_p50_us = governed.p50_us - base.p50_us
 
+        comparisons = []
+        if baseline is not None:
+            point_w = workloads(customers, orders)[0]
+            for clients in levels:
+                print(f"... baseline {args.baseline} vs this tree, point at {clients}",
+                      file=sys.stderr, flush=True)
+                comparisons.append(compare(baseline, querygate, point_w, clients, args,
+                                           tokens["alice"]))
+
         print("... NDJSON stream", file=sys.stderr, flush=True)
         streams = [
-            stream_direct(pg.app_dsn),
+            stream_direct(pg.owner_dsn),
             stream_http(passthrough.url, "passthrough", "", passthrough.pid),
             stream_http(querygate.url, "querygate", tokens["alice"], querygate.pid),
         ]
@@ -572,6 +652,15 @@ def main(argv: Sequence[str] | None = None) -> int:
              (stream.rss_growth_mb or 0) < 100),
         ]
         text = report(rows, streams, targets, machine_line())
+        if comparisons:
+            text += (
+                f"\nBaseline {args.baseline} against this tree, masked point SELECT, "
+                f"{args.baseline_rounds} alternating runs of {args.duration:.0f} s each "
+                "(median req/s):\n\n| clients | baseline req/s | this tree req/s | ratio |\n"
+                "|---:|---:|---:|---:|\n"
+                + "".join(f"| {c['clients']} | {c['baseline']:,.0f} | {c['current']:,.0f} "
+                          f"| {c['ratio']:.0%} |\n" for c in comparisons)
+            )
         print(text)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(text)
@@ -580,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "rows": [{**asdict(r), "throughput": r.throughput} for r in rows],
              "streams": [{**asdict(s), "rows_per_s": s.rows_per_s} for s in streams],
              "targets": [{"name": n, "goal": g, "measured": m, "met": ok}
-                         for n, g, m, ok in targets]},
+                         for n, g, m, ok in targets],
+             "baseline": {"commit": args.baseline, "comparisons": comparisons}},
             option=orjson.OPT_INDENT_2,
         ))
         return 0
@@ -589,6 +679,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
         opa.stop()
         pg.stop()
+        # The servers' logs outlive the run, for a failed check or an error count.
+        args.out.mkdir(parents=True, exist_ok=True)
+        for log_file in work.glob("*.log"):
+            shutil.copy(log_file, args.out / log_file.name)
         shutil.rmtree(work, ignore_errors=True)
 
 

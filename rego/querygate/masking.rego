@@ -92,6 +92,12 @@ predicate_exempt(_) if {
 	g in cfg.masking.predicate_groups
 }
 
+# Masks are enforced by PostgreSQL (masking_profile): a predicate on a masked
+# column compares masked values, so it cannot leak the raw ones. With
+# "compare_masked" such predicates run and the answer carries a notice saying
+# so; with "deny" they are refused as before (masked_column_predicate).
+predicate_exempt(_) if cfg.masking.predicates == "compare_masked"
+
 predicate_exempt(col) if {
 	masks[col] == "hash"
 	col in input.query.columns.join_equality
@@ -114,3 +120,21 @@ same_class(a, b) if class_of(a) == class_of(b)
 class_of(col) := cfg.classification[col]
 
 class_of(col) := input.classification[col] if not has_data_class(col)
+
+# METADATA
+# description: |
+#   The masking profile every statement of this caller runs under, enforced by
+#   PostgreSQL (docs/masking.md). It is decided over every exposed column the
+#   gateway lists in input.columns, from the identity and environment alone, so
+#   no reading of a statement can choose a weaker one; the per-statement
+#   decision's masks are only ever added to it. The answer depends on nothing
+#   but the input and policy data, so the gateway caches it per identity.
+# entrypoint: true
+masking_profile := {"masks": profile_masks}
+
+profile_masks[col] := strategy_for(cls) if {
+	some col in input.columns
+	cls := class_of(col)
+	cls != "public"
+	not unmasked_for_caller(cls)
+}

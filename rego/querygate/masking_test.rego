@@ -75,8 +75,15 @@ test_unconfigured_classes_are_fully_masked if {
 	d.masks == {"public.customers.email": "redact"}
 }
 
-test_masked_predicates_are_not_exempt_by_default if {
+# The database masks the column, so by default a predicate on it compares masked values.
+test_masked_predicates_compare_masked_values_by_default if {
 	d := querygate.decision with input as masking_input(["analysts"], demo_cols, ["public.customers.ssn"], demo_classes)
+	d.masked_predicates_allowed == {"public.customers.ssn"}
+}
+
+test_masked_predicates_can_still_be_denied if {
+	d := querygate.decision with input as masking_input(["analysts"], demo_cols, ["public.customers.ssn"], demo_classes)
+		with querygate.config.masking.predicates as "deny"
 	d.masked_predicates_allowed == set()
 }
 
@@ -97,9 +104,42 @@ test_hash_equality_joins_are_exempt if {
 	d.masked_predicates_allowed == {"public.customers.email"}
 }
 
-test_hash_probe_is_not_exempt if {
+test_hash_probe_is_not_exempt_when_predicates_are_denied if {
 	d := querygate.decision with input as masking_input(["security"], demo_cols, ["public.customers.email"], demo_classes)
+		with querygate.config.masking.predicates as "deny"
 	d.masked_predicates_allowed == set()
+}
+
+profile_input(groups) := {
+	"identity": {"sub": "x", "groups": groups},
+	"environment": "staging",
+	"columns": ["public.customers.id", "public.customers.email", "public.customers.ssn", "public.orders.status"],
+	"classification": {"public.customers.email": "pii.email", "public.customers.ssn": "pii.ssn"},
+}
+
+test_the_profile_covers_every_exposed_column if {
+	p := querygate.masking_profile with input as profile_input(["analysts"])
+	p == {"masks": {"public.customers.email": "email", "public.customers.ssn": "partial"}}
+}
+
+test_the_profile_of_a_pii_reader_masks_nothing if {
+	p := querygate.masking_profile with input as profile_input(["pii_readers"])
+	p == {"masks": {}}
+}
+
+test_the_profile_follows_group_strategies_and_policy_data if {
+	p := querygate.masking_profile with input as profile_input(["security"])
+		with querygate.config.classification as {"public.orders.status": "secret.internal"}
+	p.masks == {
+		"public.customers.email": "hash",
+		"public.customers.ssn": "hash",
+		"public.orders.status": "hash",
+	}
+}
+
+test_the_profile_without_input_masks_nothing_and_is_defined if {
+	p := querygate.masking_profile with input as {}
+	p == {"masks": {}}
 }
 
 test_derived_mask_comes_from_data if {

@@ -12,6 +12,8 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from tests.conftest import SigningKey, bearer
+
 pytestmark = pytest.mark.integration
 
 SQL = "UPDATE customers SET full_name = full_name || '!' WHERE id = $1"
@@ -196,3 +198,47 @@ def test_webhook_is_told_and_a_dead_webhook_never_blocks(make_gateway, dana, sec
     started = time.monotonic()
     _request(dead, dana, [112])
     assert time.monotonic() - started < 2
+
+
+def test_streamed_resubmission_leaves_the_approval_unused(gateway, dana, sec, db):
+    before = _name(db, 121)
+    approval = _request(gateway, dana, [121])
+    _approve(gateway, approval["id"], sec)
+    streamed = gateway.client.post(
+        "/v1/query", json={"sql": SQL, "params": [121], "approval_id": approval["id"]},
+        headers={**dana, "accept": "application/x-ndjson"},
+    )
+    assert streamed.status_code == 422, streamed.text
+    assert streamed.json()["error"]["code"] == "stream_unsupported"
+    assert _name(db, 121) == before
+    shown = gateway.client.get(f"/v1/approvals/{approval['id']}", headers=dana).json()
+    assert shown["approval"]["status"] == "approved" and shown["approval"]["used_at"] is None
+    response = _submit(gateway, dana, [121], approval["id"])
+    assert response.status_code == 200, response.text
+    assert response.json()["rows_affected"] == 1
+    assert _name(db, 121) == before + "!"
+
+
+def test_same_sub_from_another_issuer_is_another_requester(make_gateway, make_idp, dana, sec, db):
+    signing = SigningKey("other-issuer-1")
+    other = make_idp()
+    other.publish(signing)
+    gateway = make_gateway(jwt_issuers=[{"issuer": other.issuer, "jwks_url": other.jwks_url}])
+    # Not in an approver group, so only being the requester could show it the approval.
+    impostor = bearer(other.token(signing, "dana", ["analysts"]))
+    assert gateway.query("SELECT 1", impostor).status_code == 200  # a trusted issuer
+    before = _name(db, 122)
+    approval = _request(gateway, dana, [122])
+    assert gateway.client.get(f"/v1/approvals/{approval['id']}", headers=dana).status_code == 200
+    shown = gateway.client.get(f"/v1/approvals/{approval['id']}", headers=impostor)
+    assert shown.status_code == 404, shown.text
+    assert shown.json()["error"]["code"] == "approval_not_found"
+    listed = gateway.client.get("/v1/approvals", headers=impostor).json()["approvals"]
+    assert approval["id"] not in {a["id"] for a in listed}
+    _approve(gateway, approval["id"], sec)
+    used = _submit(gateway, impostor, [122], approval["id"])
+    assert used.status_code == 403, used.text
+    assert used.json()["error"]["code"] == "approval_mismatch"
+    assert _name(db, 122) == before
+    shown = gateway.client.get(f"/v1/approvals/{approval['id']}", headers=dana).json()
+    assert shown["approval"]["status"] == "approved"

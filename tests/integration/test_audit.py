@@ -206,7 +206,7 @@ def test_admin_actions_and_schema_changes_are_audited(trail, sec, alice, db):
         changed = [e for e in trail.events() if e["type"] == "catalog_changed"]
         assert changed and changed[-1]["catalog"]["version_after"] == refreshed.json()["version"]
     finally:
-        db.execute("DROP TABLE IF EXISTS audit_schema_probe")
+        db.execute("DROP TABLE IF EXISTS audit_schema_probe CASCADE")
 
 
 def test_no_event_holds_result_values_parameters_or_literals(trail, alice, pat, dana, sec, db):
@@ -237,9 +237,12 @@ def test_no_event_holds_result_values_parameters_or_literals(trail, alice, pat, 
             "INSERT INTO audit_secrets (id, note) VALUES ($1, $2)", dana, [i + 1, needle]
         )
         assert written.status_code == 200, written.text
-    # A real SSN as a bound parameter of a refused query.
-    denied = trail.gateway.query("SELECT id FROM customers WHERE ssn = $1", alice, [raw[0][2]])
+    # A real SSN as a bound parameter of a refused query, and of a served one (a predicate
+    # on a masked column compares masked values: docs/masking.md §4).
+    denied = trail.gateway.query("DELETE FROM customers WHERE ssn = $1", alice, [raw[0][2]])
     assert denied.status_code == 403
+    served = trail.gateway.query("SELECT id FROM customers WHERE ssn = $1", alice, [raw[0][2]])
+    assert served.status_code == 200 and served.json()["rows"] == []
     events = trail.events()
     text = (trail.spool / "audit.jsonl").read_text()
     assert len(events) > 20
@@ -248,7 +251,7 @@ def test_no_event_holds_result_values_parameters_or_literals(trail, alice, pat, 
     assert not leaked, leaked[:5]
     for needle in [*needles, literal]:
         assert needle not in text
-    db.execute("DROP TABLE IF EXISTS audit_secrets")
+    db.execute("DROP TABLE IF EXISTS audit_secrets CASCADE")
 
 
 def test_every_event_matches_the_documented_schema(trail):
@@ -298,4 +301,4 @@ def test_a_full_spool_refuses_queries_and_runs_nothing(make_gateway, tmp_path, d
     state = spool_state(gateway.client)
     assert state["querygate_audit_spool_bytes"] <= 64 * 1024
     assert state["querygate_audit_sink_up"] == 0
-    db.execute("DROP TABLE audit_quota")
+    db.execute("DROP TABLE audit_quota CASCADE")

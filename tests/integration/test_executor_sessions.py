@@ -61,7 +61,7 @@ async def last_query(admin_dsn: str, pid: int) -> str:
 def test_a_repeated_statement_is_prepared_once_per_connection(postgres):
     async def body(executor: Executor, pool: asyncpg.Pool) -> list[Any]:
         for key in (31, 32, 33):
-            result = await executor.run(READ, [key], READ_FACTS, 10, no_mask)
+            result = await executor.run(executor.target(READ), [key], READ_FACTS, 10, no_mask)
             assert [r[0] for r in result.rows] == [key]
         async with pool.acquire() as conn:
             return list(await conn.fetch(
@@ -69,7 +69,7 @@ def test_a_repeated_statement_is_prepared_once_per_connection(postgres):
                 READ,
             ))
 
-    prepared = with_executor(postgres.app_dsn, body)
+    prepared = with_executor(postgres.owner_dsn, body)
     # One server-side statement served all three requests (asyncpg's public prepare()
     # would have parsed it three times).
     assert len(prepared) == 1
@@ -80,7 +80,7 @@ def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres):
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
         after_plain_use = await last_query(postgres.admin_dsn, pid)
-        await executor.run(READ, [31], READ_FACTS, 10, no_mask)
+        await executor.run(executor.target(READ), [31], READ_FACTS, 10, no_mask)
         after_read = await last_query(postgres.admin_dsn, pid)
         async with pool.acquire() as conn:
             # Session state left by a use outside the executor's reads is reset on release.
@@ -89,7 +89,7 @@ def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres):
             name = str(await conn.fetchval("SHOW application_name"))
         return after_plain_use, after_read, name
 
-    after_plain_use, after_read, name = with_executor(postgres.app_dsn, body)
+    after_plain_use, after_read, name = with_executor(postgres.owner_dsn, body)
     assert "RESET ALL" in after_plain_use
     # The backend's last statement is the read's COMMIT: no reset round trip followed.
     assert "RESET ALL" not in after_read
@@ -101,11 +101,12 @@ def test_a_failed_read_is_reset(postgres):
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
         with pytest.raises(Exception):  # noqa: B017 - any refusal; the reset is the point
-            await executor.run("SELECT id, status FROM orders WHERE id = $1 / 0", [31],
-                               READ_FACTS, 10, no_mask)
+            await executor.run(
+                executor.target("SELECT id, status FROM orders WHERE id = $1 / 0"), [31],
+                READ_FACTS, 10, no_mask)
         return await last_query(postgres.admin_dsn, pid)
 
-    assert "RESET ALL" in with_executor(postgres.app_dsn, body)
+    assert "RESET ALL" in with_executor(postgres.owner_dsn, body)
 
 
 def test_the_statement_timeout_holds_on_pooled_connections(postgres):
@@ -115,35 +116,35 @@ def test_the_statement_timeout_holds_on_pooled_connections(postgres):
     async def body(executor: Executor, pool: asyncpg.Pool) -> None:
         for _ in range(2):  # the second time on a connection released without a reset
             with pytest.raises(RequestTimeout):
-                await executor.run("SELECT pg_sleep(2)", [], facts, 10, no_mask)
+                await executor.run(executor.target("SELECT pg_sleep(2)"), [], facts, 10, no_mask)
 
-    with_executor(postgres.app_dsn, body, timeout_ms=200)
+    with_executor(postgres.owner_dsn, body, timeout_ms=200)
 
 
 def test_a_statement_invalidated_by_a_schema_change_is_prepared_again(postgres, admin_db):
-    admin_db.execute("DROP TABLE IF EXISTS cache_probe")
+    admin_db.execute("DROP TABLE IF EXISTS cache_probe CASCADE")
     admin_db.execute("CREATE TABLE cache_probe (id integer PRIMARY KEY, label text)")
     admin_db.execute("INSERT INTO cache_probe VALUES (1, 'one')")
-    admin_db.execute("GRANT SELECT ON cache_probe TO querygate")
+    admin_db.execute("GRANT SELECT ON cache_probe TO querygate_owner")
     sql = "SELECT * FROM cache_probe"
     facts = QueryFacts(fingerprint="sha256:probe", kind="select",
                        outputs=(Output("id", (), "computed"), Output("label", (), "computed")))
 
     async def body(executor: Executor, pool: asyncpg.Pool) -> list[Any]:
-        first = await executor.run(sql, [], facts, 10, no_mask)
+        first = await executor.run(executor.target(sql), [], facts, 10, no_mask)
         # The cached statement's result type changes under it.
         admin = await asyncpg.connect(postgres.admin_dsn.replace("/postgres?", "/appdb?"))
         try:
             await admin.execute("ALTER TABLE cache_probe ALTER COLUMN label TYPE varchar(10)")
         finally:
             await admin.close()
-        second = await executor.run(sql, [], facts, 10, no_mask)
+        second = await executor.run(executor.target(sql), [], facts, 10, no_mask)
         return [first.columns, second.columns, second.rows]
 
     try:
-        first, second, rows = with_executor(postgres.app_dsn, body)
+        first, second, rows = with_executor(postgres.owner_dsn, body)
     finally:
-        admin_db.execute("DROP TABLE IF EXISTS cache_probe")
+        admin_db.execute("DROP TABLE IF EXISTS cache_probe CASCADE")
     assert [c.type for c in first] == ["int4", "text"]
     assert [c.type for c in second] == ["int4", "varchar"]
     assert [tuple(r) for r in rows] == [(1, "one")]

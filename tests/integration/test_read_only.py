@@ -51,8 +51,9 @@ def test_read_only_transaction_refuses_a_write_the_facts_missed(postgres, db):
     async def run() -> None:
         pool = await asyncpg.create_pool(postgres.app_dsn, min_size=1, max_size=1)
         try:
-            await Executor(pool).run(
-                "UPDATE orders SET status = 'x' WHERE id = 32", [], facts, 10,
+            executor = Executor(pool)
+            await executor.run(
+                executor.target("UPDATE orders SET status = 'x' WHERE id = 32"), [], facts, 10,
                 lambda columns: MaskPlan((), columns, {}),
             )
         finally:

@@ -33,7 +33,9 @@ def events(db):
 
 @pytest.fixture(scope="module")
 def served_gateway(events, serve_settings, tmp_path_factory):
-    gateway = start_gateway(serve_settings, tmp_path_factory.mktemp("gw") / "gateway.log")
+    # The whole million rows (~38 MB) is the point here, past QUERYGATE_MAX_RESPONSE_BYTES.
+    settings = serve_settings | {"max_response_bytes": str(1 << 30)}
+    gateway = start_gateway(settings, tmp_path_factory.mktemp("gw") / "gateway.log")
     yield gateway.process, gateway.url
     gateway.stop()
 

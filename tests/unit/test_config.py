@@ -89,3 +89,171 @@ def test_token_command_mints_a_verifiable_token(monkeypatch, capsys, tmp_path):
     assert identity.sub == "alice"
     assert identity.groups == ("analysts", "pii_readers")
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
+
+
+# --- unknown variables -----------------------------------------------------------------------
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from app.config import OTHER_VARIABLES, secret_fields, unknown_variables  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_misspelled_variable_stops_start_up_with_a_hint(monkeypatch):
+    monkeypatch.setenv("QUERYGATE_AUDIT_SNK", "kafka")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "QUERYGATE_AUDIT_SNK" in message
+    assert "did you mean QUERYGATE_AUDIT_SINK?" in message
+    assert "kafka" not in message  # names only: a value may be a secret
+
+
+def test_a_misspelled_variable_stops_serve(monkeypatch, capsys):
+    monkeypatch.setenv("QUERYGATE_ENVIRONMENT", "staging")
+    monkeypatch.setenv("QUERYGATE_DATABSE_URL", "postgresql://h/db")
+    assert main(["serve"]) == 2
+    assert "did you mean QUERYGATE_DATABASE_URL?" in capsys.readouterr().err
+
+
+def test_a_file_variable_for_a_setting_that_is_no_secret_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUERYGATE_AUDIT_SINK_FILE", str(tmp_path / "sink"))
+    with pytest.raises(ConfigError, match="QUERYGATE_AUDIT_SINK is not a secret"):
+        load_settings()
+
+
+def test_variables_read_outside_the_settings_are_allowed(monkeypatch):
+    for name in OTHER_VARIABLES:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("querygate_environment", "staging")  # names are matched in any case
+    assert load_settings().environment == "staging"
+
+
+def test_every_variable_the_repository_names_is_known():
+    # Whatever the code, manifests and docs name must pass the start-up check; a new name read
+    # outside Settings belongs in OTHER_VARIABLES (with what reads it).
+    name = re.compile(r"QUERYGATE_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_*<])")
+    files = [REPO / "Makefile", REPO / "Dockerfile", REPO / "README.md"] + [
+        path
+        for top in ("app", "bench", "deploy", "docs", "tests")
+        for path in (REPO / top).rglob("*")
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ".env", ".sh"}
+        and path != Path(__file__).resolve()
+    ]
+    found = {
+        match: path.relative_to(REPO)
+        for path in files if path.is_file()
+        for match in name.findall(path.read_text(encoding="utf-8", errors="replace"))
+    }
+    assert found
+    problems = unknown_variables(dict.fromkeys(found, ""))
+    assert not problems, {p: str(found[p.split()[0].rstrip(":")]) for p in problems}
+
+
+# --- secrets from files ------------------------------------------------------------------------
+
+SECRET_SAMPLES = {
+    "database_url": "postgresql://querygate@db.internal:5432/appdb",
+    "mask_hmac_key": "0123456789abcdef0123456789abcdef",
+    "jwt_public_key": "-----BEGIN PUBLIC KEY-----\nMIIBIjAN\n-----END PUBLIC KEY-----",
+}
+
+
+def _sample(name: str) -> str:
+    return SECRET_SAMPLES.get(name, "an-opaque-secret-of-some-length")
+
+
+def _secret(settings, name):
+    return getattr(settings, name).get_secret_value()
+
+
+@pytest.mark.parametrize("name", [n for n, var in secret_fields().items() if var is not None])
+def test_every_secret_can_come_from_a_file_variable(monkeypatch, tmp_path, name):
+    path = tmp_path / "secret"
+    path.write_text(_sample(name) + "\n")  # the newline `echo` leaves is not part of it
+    monkeypatch.setenv(secret_fields()[name], str(path))
+    assert _secret(load_settings(), name) == _sample(name)
+
+
+def test_the_secret_settings_are_the_secret_str_fields():
+    assert {"database_url", "mask_hmac_key", "jwt_public_key",
+            "audit_kafka_sasl_password"} <= set(secret_fields())
+    # jwt_public_key has had its own file setting all along; it is not doubled.
+    assert secret_fields()["jwt_public_key"] is None
+
+
+def test_secrets_come_from_a_secrets_directory(monkeypatch, tmp_path):
+    (tmp_path / "QUERYGATE_DATABASE_URL").write_text(_sample("database_url") + "\n")
+    (tmp_path / "querygate_mask_hmac_key").write_text(_sample("mask_hmac_key"))
+    (tmp_path / "QUERYGATE_JWT_PUBLIC_KEY").write_text(_sample("jwt_public_key"))
+    (tmp_path / "..data").mkdir()  # what a mounted Kubernetes Secret also holds
+    monkeypatch.setenv("QUERYGATE_SECRETS_DIR", str(tmp_path))
+    settings = load_settings()
+    for name in ("database_url", "mask_hmac_key", "jwt_public_key"):
+        assert _secret(settings, name) == _sample(name)
+    assert load_settings(secrets_dir=tmp_path).database_url == settings.database_url
+
+
+@pytest.mark.parametrize(
+    "sources", [("variable", "file"), ("variable", "dir"), ("file", "dir")]
+)
+def test_a_secret_given_twice_is_refused(monkeypatch, tmp_path, sources):
+    dsn = _sample("database_url")
+    if "variable" in sources:
+        monkeypatch.setenv("QUERYGATE_DATABASE_URL", dsn)
+    if "file" in sources:
+        (tmp_path / "dsn").write_text(dsn)
+        monkeypatch.setenv("QUERYGATE_DATABASE_URL_FILE", str(tmp_path / "dsn"))
+    if "dir" in sources:
+        (tmp_path / "secrets").mkdir()
+        (tmp_path / "secrets" / "QUERYGATE_DATABASE_URL").write_text(dsn)
+        monkeypatch.setenv("QUERYGATE_SECRETS_DIR", str(tmp_path / "secrets"))
+    with pytest.raises(ConfigError, match="QUERYGATE_DATABASE_URL is given more than once") as caught:
+        load_settings()
+    assert dsn not in str(caught.value)
+
+
+def test_an_argument_still_wins_over_a_secret_file(monkeypatch, tmp_path):
+    (tmp_path / "dsn").write_text(_sample("database_url"))
+    monkeypatch.setenv("QUERYGATE_DATABASE_URL_FILE", str(tmp_path / "dsn"))
+    settings = load_settings(database_url="postgresql://other/db")
+    assert _secret(settings, "database_url") == "postgresql://other/db"
+
+
+def test_a_secret_from_a_file_is_validated_like_the_variable(monkeypatch, tmp_path):
+    (tmp_path / "key").write_text("changeme-changeme-changeme")
+    monkeypatch.setenv("QUERYGATE_MASK_HMAC_KEY_FILE", str(tmp_path / "key"))
+    with pytest.raises(ConfigError, match="QUERYGATE_MASK_HMAC_KEY must be a real secret"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "QUERYGATE_DATABASE_URL_FILE: cannot read"),
+        ("empty", "QUERYGATE_DATABASE_URL_FILE: .* is empty"),
+        ("binary", "QUERYGATE_DATABASE_URL_FILE: .* is not UTF-8 text"),
+        ("dir_missing", "QUERYGATE_SECRETS_DIR: .* is not a directory"),
+        ("dir_typo", "QUERYGATE_DATABSE_URL in .* is not a secret setting "
+                     r"\(did you mean QUERYGATE_DATABASE_URL\?\)"),
+        ("dir_stray", "QUERYGATE_SECRETS_DIR: url in .* is not a secret setting; expected"),
+    ],
+)
+def test_unusable_secret_files_name_the_variable(monkeypatch, tmp_path, setup, message):
+    path = tmp_path / "dsn"
+    if setup == "empty":
+        path.write_text("\n")
+    elif setup == "binary":
+        path.write_bytes(b"\xff\xfe\x00")
+    if setup.startswith("dir_"):
+        monkeypatch.setenv("QUERYGATE_SECRETS_DIR", str(tmp_path / "secrets"))
+        if setup != "dir_missing":
+            (tmp_path / "secrets").mkdir()
+            name = "QUERYGATE_DATABSE_URL" if setup == "dir_typo" else "url"
+            (tmp_path / "secrets" / name).write_text(_sample("database_url"))
+    else:
+        monkeypatch.setenv("QUERYGATE_DATABASE_URL_FILE", str(path))
+    with pytest.raises(ConfigError, match=message):
+        load_settings()
