@@ -43,6 +43,7 @@ tree locations count bytes.)
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -575,6 +576,14 @@ def _char_offsets(sql: str) -> Any:
 
 
 def schema_qualifiers(sql: str) -> list[tuple[int, int, str]]:
+    """(start, end, schema) of every schema qualifier (see ``_schema_qualifiers``)."""
+    return list(_schema_qualifiers(sql))
+
+
+# The enforcement step asks these of every statement a masked caller runs: a pure function
+# of the text, so answered from a bounded cache rather than parsed again (make bench).
+@functools.lru_cache(maxsize=4096)
+def _schema_qualifiers(sql: str) -> tuple[tuple[int, int, str], ...]:
     """(start, end, schema) of every schema qualifier PostgreSQL's tree reports, by byte span.
 
     A qualifier is the schema of a relation reference (every RangeVar: FROM, JOIN, subqueries,
@@ -619,15 +628,22 @@ def schema_qualifiers(sql: str) -> list[tuple[int, int, str]]:
         span = (token.start, token.end, schema)
         if found.setdefault(token.start, span) != span:
             _mismatch("two schema qualifiers at one position")
-    return sorted(found.values())
+    return tuple(sorted(found.values()))
 
 
 def rewrite_schemas(sql: str, mapping: Mapping[str, str]) -> str:
+    """``sql`` with each schema qualifier named in ``mapping`` replaced (``_rewrite``)."""
+    return _rewrite(sql, tuple(sorted(mapping.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rewrite(sql: str, items: tuple[tuple[str, str], ...]) -> str:
     """``sql`` with each schema qualifier named in ``mapping`` replaced by its value, quoted.
 
     Keys are schema names as PostgreSQL folds them (``Public`` and ``public`` are ``public``;
     ``"Public"`` is ``Public``); every byte outside the replaced qualifiers is left as it is.
     """
+    mapping = dict(items)
     for value in mapping.values():
         _check_schema_name(value)
     qualifiers = schema_qualifiers(sql)
@@ -659,12 +675,17 @@ def only_relations(sql: str) -> list[str]:
     A masked caller reads views, and a view of a parent includes its children's rows: ONLY
     cannot mean for it what it means for PostgreSQL, so the gateway refuses it there.
     """
+    return list(_only_relations(sql))
+
+
+@functools.lru_cache(maxsize=4096)
+def _only_relations(sql: str) -> tuple[str, ...]:
     _, _, tree = _parse(sql, None)
-    return sorted(
+    return tuple(sorted(
         ".".join(p for p in (node.get("schemaname"), node["relname"]) if p)
         for node in _walk(tree)
         if "relpersistence" in node and "relname" in node and not node.get("inh", False)
-    )
+    ))
 
 
 def column_references(sql: str) -> frozenset[str]:

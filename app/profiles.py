@@ -171,15 +171,16 @@ class ProfileSpec:
 
     masks: tuple[tuple[str, str], ...]
     db_role: str | None = None
+    # Derived from the two above once (every statement looks its profile up by it).
+    key: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(orjson.dumps([self.masks, self.db_role])).hexdigest()
+        object.__setattr__(self, "key", digest[:16])
 
     @classmethod
     def of(cls, masks: Mapping[str, str], db_role: str | None = None) -> ProfileSpec:
         return cls(tuple(sorted(masks.items())), db_role)
-
-    @property
-    def key(self) -> str:
-        digest = hashlib.sha256(orjson.dumps([self.masks, self.db_role])).hexdigest()
-        return digest[:16]
 
     @property
     def role(self) -> str:

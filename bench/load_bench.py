@@ -474,6 +474,17 @@ def compare(baseline: Server, current: Server, w: Workload, clients: int, args: 
 
 # --- the report ---------------------------------------------------------------------------
 
+def comparison_table(args: Any, comparisons: list[dict[str, Any]]) -> str:
+    return (
+        f"\nBaseline {args.baseline} against this tree, masked point SELECT, "
+        f"{args.baseline_rounds} alternating runs of {args.duration:.0f} s each "
+        "(median req/s):\n\n| clients | baseline req/s | this tree req/s | ratio |\n"
+        "|---:|---:|---:|---:|\n"
+        + "".join(f"| {c['clients']} | {c['baseline']:,.0f} | {c['current']:,.0f} "
+                  f"| {c['ratio']:.0%} |\n" for c in comparisons)
+    )
+
+
 def ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
@@ -558,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the masked point SELECT (same database, same machine, same run)")
     parser.add_argument("--baseline-rounds", type=int, default=3,
                         help="alternating runs of each gateway per concurrency level")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="with --baseline: only the interleaved comparison, no main table")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -587,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pin(server.pid, placement[1])
 
         rows: list[Row] = []
-        for w in workloads(customers, orders):
+        for w in [] if args.compare_only else workloads(customers, orders):
             expected = asyncio.run(_direct_rows(pg.owner_dsn, w))
             check(passthrough.url, w, "", expected, masked=False)
             check(querygate.url, w, tokens[w.user], expected, masked=True)
@@ -619,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
                 comparisons.append(compare(baseline, querygate, point_w, clients, args,
                                            tokens["alice"]))
+        if args.compare_only:
+            print(comparison_table(args, comparisons))
+            return 0
 
         print("... NDJSON stream", file=sys.stderr, flush=True)
         streams = [
@@ -653,14 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         text = report(rows, streams, targets, machine_line())
         if comparisons:
-            text += (
-                f"\nBaseline {args.baseline} against this tree, masked point SELECT, "
-                f"{args.baseline_rounds} alternating runs of {args.duration:.0f} s each "
-                "(median req/s):\n\n| clients | baseline req/s | this tree req/s | ratio |\n"
-                "|---:|---:|---:|---:|\n"
-                + "".join(f"| {c['clients']} | {c['baseline']:,.0f} | {c['current']:,.0f} "
-                          f"| {c['ratio']:.0%} |\n" for c in comparisons)
-            )
+            text += comparison_table(args, comparisons)
         print(text)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(text)
