@@ -571,3 +571,26 @@ def test_ddl_on_columns_the_caller_may_see_still_runs(make_gateway, keys, db):
         assert response.status_code == 200, response.text
     finally:
         db.execute("ALTER TABLE orders DROP CONSTRAINT IF EXISTS probe_amount")
+
+
+def test_a_raw_caller_runs_as_a_profile_role_not_the_login_role(make_gateway, opa_with_config,
+                                                                keys, postgres, first):
+    import asyncio
+
+    opa = opa_with_config(masking={"unmasked_groups": {"pii": ["pii_readers"],
+                                                       "pci": ["pii_readers"]}})
+    gw = make_gateway(opa_url=opa.url)
+    pat = keys.headers("pat", ["pii_readers"])
+    body = gw.query("SELECT email, card_number FROM customers WHERE id = 1", pat).json()
+    assert body["rows"] == [[first["email"], first["card_number"]]]
+    store = gw.server.config.app.state.gateway.profiles
+    raw = [p for p in store._profiles.values() if not p.spec.masked]
+    assert len(raw) == 1 and raw[0].spec.role.startswith("qg_p_")
+    # It has querygate_raw's privileges but cannot become it, nor the login role.
+    outcomes = asyncio.run(_as_role(postgres, raw[0], [
+        "SELECT email FROM customers LIMIT 1",
+        "SET ROLE querygate_raw",
+        "SET ROLE querygate",
+        "SELECT * FROM querygate_internal.approvals",
+    ]))
+    assert outcomes == ["ok", "42501", "42501", "42501"]
