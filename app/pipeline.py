@@ -48,6 +48,7 @@ from app.identity import Identity
 from app.limits import Slot
 from app.metrics import StageClock
 from app.policy import Decision
+from app.profiles import quote_ident
 from app.results import Result, encode_row
 
 log = logging.getLogger("querygate.pipeline")
@@ -464,3 +465,57 @@ async def explain(
         gate=False,
     )
     return Explained(identity, ev.facts, decision)
+
+
+async def caller_catalog(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, meta: Meta
+) -> CallerCatalog:
+    """The tables and columns this caller may read, each with the mask it would get now.
+
+    Decided by policy, never here: a table is listed when the decision for reading all its
+    columns (``SELECT <every column> FROM <table>``, through the same facts and decision
+    input as a query) allows it without an approval; a column's mask is the one the
+    masking profile (``data.querygate.masking_profile``) and that decision give it, which is
+    what a query would get. Recorded as an ``admin`` event, ``catalog_list``.
+    """
+    catalog = gateway.catalog
+    if catalog is None:
+        raise Unavailable("database_unavailable", "the catalog has not been read yet")
+    settings = gateway.settings
+    profile = await gateway.profile_masks(identity, catalog, None)
+    tables: dict[str, tuple[CatalogColumn, ...]] = {}
+    for schema, relations in catalog.relations.items():
+        for name, relation in relations.items():
+            table = f"{schema}.{name}"
+            if not relation.columns:
+                continue
+            sql = "SELECT {} FROM {}.{}".format(
+                ", ".join(quote_ident(c) for c in relation.columns), quote_ident(schema),
+                quote_ident(name),
+            )
+            try:
+                facts = gateway.extractor.extract(sql, catalog)
+            except GatewayError:
+                continue  # a relation the gateway cannot govern is not readable
+            try:
+                with audit.clock.timer("policy"):
+                    decision = await gateway.policy.decide(policy.decision_input(
+                        identity, facts, catalog, environment=settings.environment,
+                        database=settings.database_name, request_id=meta.request_id,
+                        source_ip=meta.source_ip,
+                    ))
+            except Unavailable:
+                gateway.metrics.opa_errors.inc()
+                raise
+            if not decision.allow or decision.require_approval is not None:
+                continue
+            masks = {**decision.masks, **profile}
+            tables[table] = tuple(
+                CatalogColumn(column, type_name, masks.get(f"{table}.{column}"))
+                for column, type_name in relation.columns.items()
+            )
+    await audit.admin("catalog_list", "ok", {
+        "version": catalog.version, "tables": len(tables),
+        "masked_columns": sum(1 for cols in tables.values() for c in cols if c.mask),
+    })
+    return CallerCatalog(catalog.version, tables)

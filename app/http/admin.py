@@ -8,14 +8,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.errors import Unavailable
+from app.http import models
 from app.http.common import audit_for, gateway_of, render, require_admin
+from app.http.openapi import answers
 
 log = logging.getLogger("querygate.http")
 
 router = APIRouter()
 
 
-@router.post("/v1/admin/catalog/refresh")
+@router.post("/v1/admin/catalog/refresh", responses=answers(models.RefreshAnswer, "Refreshed"))
 async def refresh_catalog(request: Request) -> Response:
     """Re-read the catalog now (admin groups only); cached facts go stale with it."""
     gateway = gateway_of(request)
@@ -36,7 +38,7 @@ async def refresh_catalog(request: Request) -> Response:
     )
 
 
-@router.get("/v1/admin/catalog")
+@router.get("/v1/admin/catalog", responses=answers(models.AdminCatalogAnswer, "Every column and its class"))
 async def catalog_listing(request: Request) -> Response:
     """Every visible column with its class and where the class came from (admin only)."""
     gateway = gateway_of(request)

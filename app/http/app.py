@@ -16,7 +16,7 @@ from app.audit import AuditLog
 from app.config import ConfigError, Settings
 from app.facts import FactsExtractor
 from app.gateway import Gateway
-from app.http import admin, approvals, health, query
+from app.http import admin, approvals, catalog, health, openapi, query
 from app.http.common import RequestIdMiddleware, install_error_handlers
 from app.identity import Authenticator
 from app.limits import CallerLimits
@@ -85,13 +85,16 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await gateway.close()
 
-    app = FastAPI(title="querygate", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    # /docs in dev only; in prod the OpenAPI document needs a token (app/http/openapi.py).
+    app = FastAPI(title="querygate", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.environment == "dev" else None,
+                  openapi_url=None if settings.environment == "prod" else "/openapi.json")
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     install_error_handlers(app)
-    for router in (query.router, approvals.router, admin.router, health.router):
+    for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
         app.include_router(router)
     if settings.metrics_enabled:
         app.include_router(health.metrics_router)
+    openapi.install(app, settings)
     return app

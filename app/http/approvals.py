@@ -11,7 +11,9 @@ from app.approvals import Approval, validate_comment
 from app.audit import RequestAudit
 from app.errors import BadRequest, Forbidden, GatewayError, NotFound, Unavailable, Unprocessable
 from app.gateway import Gateway
+from app.http import models
 from app.http.common import audit_for, authenticate, gateway_of, render
+from app.http.openapi import answers
 from app.identity import Identity
 
 router = APIRouter()
@@ -27,7 +29,7 @@ async def _approval_for(
     return gateway, identity, await gateway.approvals.get(approval_id)
 
 
-@router.get("/v1/approvals")
+@router.get("/v1/approvals", responses=answers(models.ApprovalList, "Approvals"))
 async def list_approvals(request: Request, status: str | None = None) -> Response:
     """Your own requests and those awaiting one of your groups."""
     gateway = gateway_of(request)
@@ -38,7 +40,7 @@ async def list_approvals(request: Request, status: str | None = None) -> Respons
     return render({"approvals": [a.to_json() for a in approvals]})
 
 
-@router.get("/v1/approvals/{approval_id}")
+@router.get("/v1/approvals/{approval_id}", responses=answers(models.ApprovalOne, "The approval"))
 async def get_approval(request: Request, approval_id: str) -> Response:
     """One approval, to its requester and to whoever may decide it."""
     _, identity, approval = await _approval_for(request, approval_id, audit_for(request))
@@ -98,13 +100,13 @@ async def _decide_approval(
     return render({"approval": decided.to_json()})
 
 
-@router.post("/v1/approvals/{approval_id}/approve")
+@router.post("/v1/approvals/{approval_id}/approve", responses=answers(models.ApprovalOne, "Approved"))
 async def approve(request: Request, approval_id: str) -> Response:
     """Approve a pending request (policy decides who may; never the requester)."""
     return await _decide(request, approval_id, "approve")
 
 
-@router.post("/v1/approvals/{approval_id}/reject")
+@router.post("/v1/approvals/{approval_id}/reject", responses=answers(models.ApprovalOne, "Rejected"))
 async def reject(request: Request, approval_id: str) -> Response:
     """Reject a pending request."""
     return await _decide(request, approval_id, "reject")

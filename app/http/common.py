@@ -3,10 +3,12 @@ request's id, audit context and caller, and the body read within its limits."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import pipeline
 from app.audit import RequestAudit
 from app.config import Settings
 from app.errors import (
@@ -132,6 +135,30 @@ async def authenticate(request: Request, gateway: Gateway, audit: RequestAudit) 
         raise
     audit.identity = identity
     return identity
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A governed request under way: its gateway, audit context, budget and caller."""
+
+    gateway: Gateway
+    audit: RequestAudit
+    budget: Budget
+    identity: Identity
+
+
+@contextlib.asynccontextmanager
+async def governed(request: Request, *, explain: bool = False) -> AsyncIterator[Call]:
+    """Authenticate (before the body) and admit the caller, all under ``pipeline.guard``:
+    bounded by the request's deadline, and every refusal audited before it is answered."""
+    gateway = gateway_of(request)
+    audit = audit_for(request)
+    audit.explain = explain
+    budget = Budget.start(gateway.settings)
+    async with pipeline.guard(audit, budget):
+        identity = await authenticate(request, gateway, audit)
+        pipeline.admit(gateway, identity)  # before the body: 429 rate_limited
+        yield Call(gateway, audit, budget, identity)
 
 
 async def require_admin(

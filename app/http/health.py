@@ -6,14 +6,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.errors import Unavailable
+from app.http import models
 from app.http.common import gateway_of, render, request_id
+from app.http.openapi import errors, ok
 from app.metrics import CONTENT_TYPE_LATEST
 
 router = APIRouter()
 metrics_router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={**ok(models.Health, "Live"), **errors(503)})
 async def healthz(request: Request) -> Response:
     """The process is alive: its event loop runs, and no pool is wedged (app/liveness.py)."""
     gateway = gateway_of(request)
@@ -30,7 +32,7 @@ async def healthz(request: Request) -> Response:
     return render(error.body(request_id(request)), error.status)
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={**ok(models.Ready, "Ready"), **errors(503)})
 async def readyz(request: Request) -> Response:
     """OPA answers with a well-formed decision and the database answers."""
     gateway = gateway_of(request)

@@ -14,18 +14,18 @@ from fastapi.responses import Response, StreamingResponse
 
 from app import pipeline
 from app.errors import GatewayError
+from app.http import models
 from app.http.common import (
     NDJSON,
-    audit_for,
-    authenticate,
-    gateway_of,
+    governed,
     meta_for,
     read_statement,
     render,
     wants_ndjson,
 )
+from app.http.openapi import answers, errors, ok
 from app.limits import Slot
-from app.pipeline import Budget, Held, Rows, Streamed
+from app.pipeline import Held, Rows, Streamed
 from app.policy import Decision
 from app.results import json_default
 
@@ -101,18 +101,20 @@ async def _ndjson(outcome: Streamed, rid: str) -> AsyncIterator[bytes]:
     yield orjson.dumps({"row_count": rows.rows, "complete": True}) + b"\n"
 
 
-@router.post("/v1/query")
+@router.post(
+    "/v1/query",
+    responses={
+        **ok(models.QueryAnswer, "The rows"),
+        **ok(models.ApprovalHeld, "The statement waits for an approval (docs/approvals.md)", 202),
+        **errors(),
+    },
+)
 async def query(request: Request) -> Response:
     """Decide and, if allowed, run the statement; each step is audited before it shows."""
-    gateway = gateway_of(request)
-    audit = audit_for(request)
-    budget = Budget.start(gateway.settings)
-    async with pipeline.guard(audit, budget):
-        identity = await authenticate(request, gateway, audit)
-        pipeline.admit(gateway, identity)  # before the body: 429 rate_limited
-        statement = await read_statement(request, gateway.settings)
-        meta = meta_for(request, budget, stream=wants_ndjson(request))
-        outcome = await pipeline.query(gateway, audit, identity, statement, meta)
+    async with governed(request) as call:
+        statement = await read_statement(request, call.gateway.settings)
+        meta = meta_for(request, call.budget, stream=wants_ndjson(request))
+        outcome = await pipeline.query(call.gateway, call.audit, call.identity, statement, meta)
         if isinstance(outcome, Held):
             return render(
                 {"approval": outcome.approval.to_json(), "decision_id": outcome.decision.id},
@@ -125,19 +127,13 @@ async def query(request: Request) -> Response:
     raise AssertionError("unreachable")  # guard re-raises whatever it caught
 
 
-@router.post("/v1/explain")
+@router.post("/v1/explain", responses=answers(models.ExplainAnswer, "The facts and the decision"))
 async def explain(request: Request) -> Response:
     """The facts and the decision for a statement; nothing is executed."""
-    gateway = gateway_of(request)
-    audit = audit_for(request)
-    audit.explain = True
-    budget = Budget.start(gateway.settings)
-    async with pipeline.guard(audit, budget):
-        identity = await authenticate(request, gateway, audit)
-        pipeline.admit(gateway, identity)
-        statement = await read_statement(request, gateway.settings)
+    async with governed(request, explain=True) as call:
+        statement = await read_statement(request, call.gateway.settings)
         outcome = await pipeline.explain(
-            gateway, audit, identity, statement, meta_for(request, budget)
+            call.gateway, call.audit, call.identity, statement, meta_for(request, call.budget)
         )
         decision = outcome.decision
         return render(
