@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from app.errors import Unavailable
 from app.http import models
@@ -62,7 +62,8 @@ async def readyz(request: Request) -> Response:
     return render({"status": "ready", "checks": checks})
 
 
-@metrics_router.get("/metrics")
+@metrics_router.get("/metrics", response_class=PlainTextResponse,
+                    responses={200: {"description": "The Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition (docs/audit.md lists the series)."""
     return Response(gateway_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
