@@ -410,6 +410,7 @@ class RowStream:
         self._started = started
         self._max_bytes = max_bytes
         self._request_id = request_id
+        self._closed = False
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The encoded rows; a GatewayError ends them, audited before it is raised."""
@@ -447,9 +448,17 @@ class RowStream:
                                          streamed=True, masked=self.head.masked)
             raise
         finally:
-            # A client that went away: the outcome is queued without waiting (it cannot await).
-            audit.aborted(rows_returned=self.rows, streamed=True)
-            await self._batches.aclose()  # type: ignore[attr-defined]
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the stream: its database connection goes back (the front end calls this
+        however its answer ended, also before the rows began)."""
+        if self._closed:
+            return
+        self._closed = True
+        # A client that went away: the outcome is queued without waiting (it cannot await).
+        self._audit.aborted(rows_returned=self.rows, streamed=True)
+        await self._batches.aclose()  # type: ignore[attr-defined]
 
 
 async def explain(

@@ -81,24 +81,28 @@ class _BoundedStream(StreamingResponse):
 async def _ndjson(outcome: Streamed, rid: str) -> AsyncIterator[bytes]:
     """Header line, one JSON array per row, then a summary (or error) line."""
     head, rows = outcome.head, outcome.rows
-    yield orjson.dumps(
-        {
-            "columns": [{"name": c.name, "type": c.type} for c in head.columns],
-            "decision": decision_body(outcome.decision, head.masked),
-            **({"notices": outcome.notices} if outcome.notices else {}),
-        },
-        default=json_default,
-    ) + b"\n"
     try:
-        async with contextlib.aclosing(rows.chunks()) as chunks:
-            async for chunk in chunks:
-                yield chunk
-    except GatewayError as exc:
-        # Headers are gone (and the outcome is on record): the error becomes the last
-        # line, and the stream says it is cut.
-        yield orjson.dumps({**exc.body(rid), "row_count": rows.rows, "complete": False}) + b"\n"
-        return
-    yield orjson.dumps({"row_count": rows.rows, "complete": True}) + b"\n"
+        yield orjson.dumps(
+            {
+                "columns": [{"name": c.name, "type": c.type} for c in head.columns],
+                "decision": decision_body(outcome.decision, head.masked),
+                **({"notices": outcome.notices} if outcome.notices else {}),
+            },
+            default=json_default,
+        ) + b"\n"
+        try:
+            async with contextlib.aclosing(rows.chunks()) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except GatewayError as exc:
+            # Headers are gone (and the outcome is on record): the error becomes the last
+            # line, and the stream says it is cut.
+            yield orjson.dumps({**exc.body(rid), "row_count": rows.rows,
+                                "complete": False}) + b"\n"
+            return
+        yield orjson.dumps({"row_count": rows.rows, "complete": True}) + b"\n"
+    finally:
+        await rows.aclose()  # a client gone before the rows began, too
 
 
 @router.post(

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -27,6 +28,7 @@ from app.audit import AuditLog, RequestAudit
 from app.catalog import build_catalog
 from app.config import load_settings
 from app.errors import Forbidden, GatewayError, Unavailable
+from app.executor import StreamHead
 from app.facts import FactsExtractor
 from app.gateway import Gateway
 from app.identity import Identity
@@ -161,6 +163,18 @@ class FakeExecutor:
                       affected, masked=plan.masked)
 
 
+    async def stream(self, target: Any, params: Any, facts: Any, max_rows: Any, rules: Any,
+                     batch_rows: int, **_: Any) -> AsyncIterator[Any]:
+        self.journal.append(("execute", target.sql, target.masked))
+        columns = tuple(Column(o.name, o.type or "text") for o in facts.outputs)
+        plan = rules.for_columns(facts, columns)
+        try:
+            yield StreamHead(plan.columns, plan.masked)
+            yield plan.apply_all([[1, "a***@example.com"], [2, "b***@example.com"]])
+        finally:
+            self.journal.append(("connection released",))
+
+
 class FakeProfiles:
     async def get(self, spec: Any, catalog: Any) -> Any:
         return SimpleNamespace(pool=None, schema_map={})
@@ -183,7 +197,7 @@ def _gateway(journal: Journal) -> Gateway:
 
 async def _run(
     journal: Journal, identity: Identity, sql: str, *, approval_id: str | None = None,
-    gateway: Gateway | None = None, audit_fails: bool = False,
+    gateway: Gateway | None = None, audit_fails: bool = False, stream: bool = False,
 ) -> tuple[Any, RequestAudit]:
     gateway = gateway or _gateway(journal)
     audit = RequestAudit(
@@ -193,7 +207,7 @@ async def _run(
     audit.identity = identity
     loop = asyncio.get_running_loop()
     budget = pipeline.Budget(loop.time() + 5, loop.time() + 10)
-    meta = pipeline.Meta("r-1", "10.0.0.7", budget, "pgwire")
+    meta = pipeline.Meta("r-1", "10.0.0.7", budget, "pgwire", stream)
     async with pipeline.guard(audit, budget):
         outcome = await pipeline.query(
             gateway, audit, identity, pipeline.Statement(sql, (), approval_id), meta
@@ -301,6 +315,34 @@ def test_nothing_runs_when_the_decision_cannot_be_recorded():
         asyncio.run(_run(journal, PAT, "SELECT id FROM customers", audit_fails=True))
     assert refused.value.code == "audit_unavailable"
     assert "execute" not in journal.kinds()
+
+
+def test_a_stream_records_its_own_end():
+    journal = Journal()
+
+    async def run() -> list[bytes]:
+        outcome, _ = await _run(journal, ALICE, "SELECT id, email FROM customers", stream=True)
+        assert isinstance(outcome, pipeline.Streamed)
+        assert outcome.head.masked == {"email": "email"}
+        return [chunk async for chunk in outcome.rows.chunks()]
+
+    chunks = asyncio.run(run())
+    assert b"".join(chunks).count(b"\n") == 2
+    # The rows ran out (the connection went back), then the end is on record.
+    assert journal.kinds() == ["policy", "audit", "execute", "connection released", "audit"]
+    assert _audits(journal) == [("decision", "allow", True), ("execution", "ok", False)]
+
+
+def test_a_stream_closed_before_its_rows_is_recorded_as_aborted():
+    journal = Journal()
+
+    async def run() -> None:
+        outcome, _ = await _run(journal, ALICE, "SELECT id, email FROM customers", stream=True)
+        await outcome.rows.aclose()  # the client went away after the header
+
+    asyncio.run(run())
+    assert journal.kinds()[-2:] == ["audit", "connection released"]
+    assert _audits(journal)[-1] == ("execution", "aborted", False)
 
 
 def test_the_pipeline_imports_no_web_framework():
