@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import pytest
 
+from app.config import load_settings
+from tests.conftest import Gateway
+
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def dev_gateway(make_gateway):
-    return make_gateway(environment="dev")
+def _own_gateway(base_settings, **overrides):
+    # Stopped with this module, not at the end of the session: a gateway left running keeps
+    # refreshing its catalog and profile views while later modules run DDL.
+    gateway = Gateway(load_settings(**{**base_settings, **overrides})).start()
+    yield gateway
+    gateway.stop()
 
 
 @pytest.fixture(scope="module")
-def prod_gateway(make_gateway):
-    return make_gateway(environment="prod", mask_hmac_key="k" * 32)
+def dev_gateway(base_settings):
+    yield from _own_gateway(base_settings, environment="dev")
+
+
+@pytest.fixture(scope="module")
+def prod_gateway(base_settings):
+    yield from _own_gateway(base_settings, environment="prod",
+                            mask_hmac_key="prod-test-key-0123456789")
 
 
 def test_the_document_has_bodies_answers_errors_and_the_bearer_scheme(gateway):
