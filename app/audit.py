@@ -1134,7 +1134,6 @@ class RequestAudit:
     source_ip: str | None
     method: str
     path: str
-    state: Any  # the request's state object: the metrics middleware reads the decision label
     clock: StageClock
     identity: Identity | None = None
     sql: str | None = None
@@ -1145,6 +1144,9 @@ class RequestAudit:
     outcome: str | None = None
     execution_recorded: bool = False
     auth_recorded: bool = False
+    # The request's outcome as the metrics count it (allow, deny, …): the front end's
+    # metrics read it, this class writes nothing but audit events.
+    label: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
     def _request(self) -> dict[str, Any]:
@@ -1156,8 +1158,7 @@ class RequestAudit:
                               identity=identity_json(self.identity), **fields)
 
     def _label(self, outcome: str) -> None:
-        with contextlib.suppress(AttributeError):
-            self.state.audit_decision = outcome
+        self.label = outcome
 
     async def auth_failed(self, exc: GatewayError) -> None:
         """An authentication failure: the code and our own message, never the token."""

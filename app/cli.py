@@ -39,7 +39,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from app.api import create_app
+    from app.http import create_app
 
     app = create_app(settings)
     uvicorn.run(
@@ -220,19 +220,17 @@ def _explain_policy_dir(args: argparse.Namespace) -> int:
 
     The facts come from the gateway's own extractor against a real catalog: the database of
     QUERYGATE_DATABASE_URL when set, else the demo schema in a throwaway embedded PostgreSQL.
-    The input is the gateway's (app.api.build_input); `opa eval` decides; the gateway's
+    The input is the gateway's (app.policy.decision_input); `opa eval` decides; the gateway's
     validator judges the answer, so a malformed decision shows as it would in production.
     """
     import asyncio
     import subprocess
     import tempfile
     import uuid
-    from types import SimpleNamespace
-    from typing import Any, cast
+    from typing import Any
 
     import asyncpg
 
-    from app.api import build_input
     from app.catalog import introspect
     from app.demo import DEMO_IDENTITIES
     from app.devstack import find_opa, start_postgres
@@ -240,7 +238,7 @@ def _explain_policy_dir(args: argparse.Namespace) -> int:
     from app.facts import FactsExtractor
     from app.identity import Identity
     from app.masking import check_predicates
-    from app.policy import parse_decision
+    from app.policy import decision_input, parse_decision
 
     policy_dir = Path(args.policy_dir)
     if not policy_dir.is_dir():
@@ -290,10 +288,10 @@ def _explain_policy_dir(args: argparse.Namespace) -> int:
         report["refused_by_gateway"] = exc.body()["error"]
         print(json.dumps(report, indent=2))  # noqa: T201
         return 1
-    # build_input reads only the settings of the gateway and the client of the request.
-    input_ = build_input(
-        cast(Any, SimpleNamespace(settings=settings)), identity, facts, catalog,
-        cast(Any, SimpleNamespace(client=None)), f"explain-{uuid.uuid4().hex[:12]}",
+    input_ = decision_input(
+        identity, facts, catalog, environment=settings.environment,
+        database=settings.database_name, request_id=f"explain-{uuid.uuid4().hex[:12]}",
+        source_ip=None,
     )
     query = "data." + settings.opa_decision_path.strip("/").replace("/", ".")
     result = subprocess.run(  # noqa: S603

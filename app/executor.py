@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import decimal
 import ipaddress
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from app import dberrors
+from app import dberrors, masking
 from app.errors import (
     Forbidden,
     GatewayError,
@@ -43,23 +44,19 @@ from app.errors import (
     Unprocessable,
 )
 from app.facts import QueryFacts
+from app.results import Column, Result
 
 
-@dataclass(frozen=True, slots=True)
-class Column:
-    name: str
-    type: str
+@dataclass(slots=True)
+class StreamHead:
+    """The first item of a stream: the server's columns as the answer reports them.
 
+    ``masking_s`` grows as the stream's batches are masked (the request's stage clock).
+    """
 
-@dataclass(frozen=True, slots=True)
-class Result:
     columns: tuple[Column, ...]
-    rows: list[tuple[Any, ...]]
-    truncated: bool
-    status: str
-    rows_affected: int | None
-    # Why rows are missing: "max_rows" or "response_bytes" (None when nothing is).
-    truncated_reason: str | None = None
+    masked: dict[str, str]
+    masking_s: float = 0.0
 
 
 def _undecodable(exc: Exception) -> GatewayError:
@@ -145,7 +142,6 @@ def _convert(value: Any, type_name: str) -> Any:
     raise TypeError(f"values of type {type_name} must be given as strings")
 
 
-Planner = Callable[[tuple[Column, ...]], Any]
 Prelude = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
@@ -379,7 +375,7 @@ class Executor:
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int,
-        planner: Planner,
+        masks: masking.Rules | None = None,
         max_rows_affected: int | None = None,
         *,
         deadline: float | None = None,
@@ -388,15 +384,15 @@ class Executor:
     ) -> Result:
         """Execute ``sql`` as analysed in ``facts``; at most ``max_rows`` rows come back.
 
-        ``planner`` sees the server's columns before anything executes and returns the
-        masking plan; it may refuse (raise), and then nothing has run. A write that affects
+        The masking plan is made from ``masks`` and the server's columns before anything
+        executes; it may refuse (raise), and then nothing has run. A write that affects
         more than ``max_rows_affected`` rows is rolled back. With ``encode``, the rows come
         back encoded, and no more of them than fit in ``max_bytes``. ``deadline`` is the
         event loop's time by which everything is over (a connection in use then is closed).
         """
         for attempt in (1, 2):
             try:
-                return await self._run(target, params, facts, max_rows, planner,
+                return await self._run(target, params, facts, max_rows, masks,
                                        max_rows_affected, deadline, _Answer(
                                            max_rows, encode, max_bytes))
             except asyncpg.InvalidCachedStatementError as exc:
@@ -412,16 +408,17 @@ class Executor:
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int,
-        planner: Planner,
+        masks: masking.Rules | None,
         max_rows_affected: int | None,
         deadline: float | None,
         answer: _Answer,
     ) -> Result:
         writes = facts.kind in ("insert", "update", "delete", "merge")
         rows: list[Any] = []
+        clock = _MaskClock()
         try:
             async with self._prepared(target, facts, deadline) as (_, statement, columns, _w):
-                mask = planner(columns)
+                mask = clock.plan(masks, facts, columns)
                 args = bind_params(params, statement.get_parameters())
                 if columns and not writes:
                     # Masked (and encoded) batch by batch: besides the answer, which stops at
@@ -430,7 +427,7 @@ class Executor:
                         _batches(statement, args, max_rows + 1, max_rows + 1)
                     ) as batches:
                         async for batch in batches:
-                            if not answer.add(mask.apply_all(batch)):
+                            if not answer.add(clock.apply(mask, batch)):
                                 break
                 else:
                     # A write runs to completion whatever is fetched; fetching it all gives
@@ -460,7 +457,7 @@ class Executor:
             raise _undecodable(exc) from None
         if rows:
             # A write's RETURNING rows, masked once its blast radius was checked.
-            answer.add(mask.apply_all(rows[: max_rows + 1]))
+            answer.add(clock.apply(mask, rows[: max_rows + 1]))
         return Result(
             columns=mask.columns,
             rows=answer.rows,
@@ -468,6 +465,8 @@ class Executor:
             status=status,
             rows_affected=affected,
             truncated_reason=answer.cut,
+            masked=mask.masked,
+            masking_s=clock.seconds,
         )
 
     async def stream(
@@ -476,17 +475,17 @@ class Executor:
         params: Sequence[Any],
         facts: QueryFacts,
         max_rows: int | None,
-        planner: Planner,
+        masks: masking.Rules | None,
         batch_rows: int,
         *,
         deadline: float | None = None,
         stream_deadline: float | None = None,
     ) -> AsyncIterator[Any]:
-        """Yield the masking plan, then batches of masked rows, through a server-side cursor.
+        """Yield a ``StreamHead``, then batches of masked rows, through a server-side cursor.
 
         Memory stays bounded by ``batch_rows`` (fewer for wide rows); the connection is held
         until the generator is exhausted or closed (a client that disconnects closes it),
-        and closed at ``deadline`` until the plan is out, at ``stream_deadline`` after.
+        and closed at ``deadline`` until the head is out, at ``stream_deadline`` after.
         """
         if facts.kind != "select":
             # Writes are answered whole, where the blast radius can be checked before commit.
@@ -494,21 +493,50 @@ class Executor:
                                 "application/x-ndjson Accept header for writes")
         try:
             async with self._prepared(target, facts, deadline) as (_, statement, columns, dog):
-                mask = planner(columns)
+                clock = _MaskClock()
+                mask = clock.plan(masks, facts, columns)
                 args = bind_params(params, statement.get_parameters())
-                yield mask
+                head = StreamHead(mask.columns, mask.masked, clock.seconds)
+                yield head
                 if stream_deadline is not None:
                     dog.arm(stream_deadline)
-                sent = 0
                 async for batch in _batches(statement, args, batch_rows, max_rows):
-                    sent += len(batch)
-                    yield mask.apply_all(batch)
+                    masked = clock.apply(mask, batch)
+                    head.masking_s = clock.seconds
+                    yield masked
         except GatewayError:
             raise
         except asyncpg.PostgresError as exc:
             raise _server_error(exc) from exc
         except (ValueError, ArithmeticError) as exc:
             raise _undecodable(exc) from None
+
+
+class _MaskClock:
+    """Masks, and counts the time spent masking (the request's ``masking`` stage)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def plan(
+        self, masks: masking.Rules | None, facts: QueryFacts, columns: tuple[Column, ...]
+    ) -> masking.MaskPlan:
+        if masks is None:
+            return masking.unmasked(columns)
+        started = time.perf_counter()
+        try:
+            return masks.for_columns(facts, columns)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def apply(self, plan: masking.MaskPlan, rows: Sequence[Any]) -> list[list[Any]]:
+        started = time.perf_counter()
+        try:
+            return plan.apply_all(rows)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 class _Answer:

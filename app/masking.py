@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import Forbidden
-from app.executor import Column
 from app.facts import QueryFacts
 from app.policy import Decision
+from app.results import Column
 
 Masker = Callable[[Any], Any]
 
@@ -190,3 +190,26 @@ def plan(
         reported.append(Column(column.name, type_name))
         masked[column.name] = strategy
     return MaskPlan(tuple(maskers), tuple(reported), masked)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What masking needs besides the server's columns: plain values, no callback.
+
+    The executor builds the plan from these once PostgreSQL has described the statement
+    (before it runs), and applies it to every batch.
+    """
+
+    decision: Decision
+    key: bytes
+    token: str
+    enforced: frozenset[str] = frozenset()
+
+    def for_columns(self, facts: QueryFacts, columns: Sequence[Column]) -> MaskPlan:
+        """The plan for these server columns (may refuse: masked_derivation)."""
+        return plan(facts, self.decision, columns, self.key, self.token, self.enforced)
+
+
+def unmasked(columns: Sequence[Column]) -> MaskPlan:
+    """The plan that masks nothing."""
+    return MaskPlan((), tuple(columns), {})

@@ -131,8 +131,9 @@ class Metrics:
 class MetricsMiddleware:
     """Counts every HTTP request by route template, decision and outcome code.
 
-    Handlers leave ``audit_decision`` and ``error_code`` in the request state; a request
-    with neither is counted as decision ``none`` and code ``ok`` (or its status).
+    Handlers leave the request's ``audit`` (its ``label`` is the decision) and
+    ``error_code`` in the request state; a request with neither is counted as decision
+    ``none`` and code ``ok`` (or its status).
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics) -> None:
@@ -167,7 +168,8 @@ class MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             code = state.get("error_code") or ("ok" if 0 < status < 400 else str(status))
-            self.metrics.requests.labels(path, state.get("audit_decision") or "none", code).inc()
+            decision = getattr(state.get("audit"), "label", None) or "none"
+            self.metrics.requests.labels(path, decision, code).inc()
 
 
 class StageClock:

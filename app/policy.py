@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import re
 import ssl
 import typing
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +32,12 @@ import orjson
 from opa_client import AsyncOpaClient
 
 from app.errors import Unavailable
+
+if TYPE_CHECKING:
+    from app.approvals import Approval
+    from app.catalog import Catalog
+    from app.facts import QueryFacts
+    from app.identity import Identity
 
 log = logging.getLogger("querygate.policy")
 
@@ -75,6 +82,53 @@ class Decision:
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
+
+
+def decision_input(
+    identity: Identity,
+    facts: QueryFacts,
+    catalog: Catalog,
+    *,
+    environment: str,
+    database: str,
+    request_id: str,
+    source_ip: str | None,
+    approval: Approval | None = None,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The OPA input document (docs/decision-contract.md), from plain values only."""
+    moment = now or dt.datetime.now(dt.UTC)
+    return {
+        "identity": identity.to_input(),
+        "environment": environment,
+        "request": {
+            "id": request_id,
+            "source_ip": source_ip,
+            "time": moment.isoformat(timespec="milliseconds"),
+        },
+        "database": {"name": database},
+        "query": facts.to_input(),
+        # Classes the catalog gave columns by their names; policy data may override them.
+        "classification": {
+            col: catalog.classes[col]
+            for col in (*facts.columns_read, *facts.columns_write)
+            if col in catalog.classes
+        },
+        "approval": approval.to_policy_input() if approval else None,
+    }
+
+
+def profile_input(
+    identity: Identity, catalog: Catalog, *, environment: str, database: str
+) -> dict[str, Any]:
+    """The input of ``data.querygate.masking_profile``: who asks, and every column."""
+    return {
+        "identity": identity.to_input(),
+        "environment": environment,
+        "database": {"name": database},
+        "columns": catalog.columns(),
+        "classification": catalog.classes,
+    }
 
 
 def _unavailable(message: str) -> Unavailable:

@@ -21,9 +21,9 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app.api import create_app
 from app.config import Settings, load_settings
 from app.devstack import OpaProcess, Postgres, free_port, start_opa, start_postgres
+from app.http import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -23,7 +23,6 @@ from app.devstack import start_gateway
 from app.errors import GatewayTimeout, Unavailable
 from app.executor import CleanSessions, Executor, _Watchdog, connection_settings
 from app.facts import Output, QueryFacts
-from app.masking import MaskPlan
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +37,6 @@ TRAILING_JUNK = [
     ("SELECT $1é", [1]),
     ("SELECT 1ü FROM customers", None),
 ]
-
-
-def no_mask(columns: tuple[Any, ...]) -> MaskPlan:
-    return MaskPlan((), columns, {})
 
 
 def audited(spool: Path, request_id: str, timeout_s: float = 10) -> list[dict[str, Any]]:
@@ -116,11 +111,11 @@ def test_a_call_past_its_deadline_is_cut_and_its_connection_replaced(postgres):
             started = loop.time()
             with pytest.raises(GatewayTimeout) as cut:
                 await executor.run(executor.target("SELECT pg_sleep(10)"), [], SLEEP_FACTS,
-                                   10, no_mask, deadline=started + 0.5)
+                                   10, deadline=started + 0.5)
             took = loop.time() - started
             assert cut.value.code == "request_timeout" and cut.value.status == 504
             result = await executor.run(executor.target("SELECT 1 AS one"), [], ONE_FACTS,
-                                        10, no_mask)
+                                        10)
             assert result.rows == [[1]]
             async with pool.acquire() as conn:
                 after = conn.get_server_pid()
@@ -148,13 +143,12 @@ def test_waiting_for_a_connection_is_bounded(postgres):
         try:
             executor = Executor(pool, acquire_timeout_s=0.3)
             holder = asyncio.create_task(executor.run(
-                executor.target("SELECT pg_sleep(1)"), [], SLEEP_FACTS, 10, no_mask))
+                executor.target("SELECT pg_sleep(1)"), [], SLEEP_FACTS, 10))
             await asyncio.sleep(0.2)
             loop = asyncio.get_running_loop()
             started = loop.time()
             with pytest.raises(Unavailable) as refused:
-                await executor.run(executor.target("SELECT 1 AS one"), [], ONE_FACTS, 10,
-                                   no_mask)
+                await executor.run(executor.target("SELECT 1 AS one"), [], ONE_FACTS, 10)
             took = loop.time() - started
             await holder  # the holder was not disturbed
             return refused.value, took

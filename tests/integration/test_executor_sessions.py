@@ -15,7 +15,6 @@ import pytest
 from app.errors import RequestTimeout
 from app.executor import CleanSessions, Executor, connection_settings
 from app.facts import Output, QueryFacts
-from app.masking import MaskPlan
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +25,6 @@ READ_FACTS = QueryFacts(
              Output("status", ("public.orders.status",), "direct")),
     param_count=1,
 )
-
-
-def no_mask(columns: tuple[Any, ...]) -> MaskPlan:
-    return MaskPlan((), columns, {})
 
 
 def with_executor(dsn: str, body: Callable[[Executor, asyncpg.Pool], Awaitable[Any]],
@@ -61,7 +56,7 @@ async def last_query(admin_dsn: str, pid: int) -> str:
 def test_a_repeated_statement_is_prepared_once_per_connection(postgres):
     async def body(executor: Executor, pool: asyncpg.Pool) -> list[Any]:
         for key in (31, 32, 33):
-            result = await executor.run(executor.target(READ), [key], READ_FACTS, 10, no_mask)
+            result = await executor.run(executor.target(READ), [key], READ_FACTS, 10)
             assert [r[0] for r in result.rows] == [key]
         async with pool.acquire() as conn:
             return list(await conn.fetch(
@@ -80,7 +75,7 @@ def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres):
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
         after_plain_use = await last_query(postgres.admin_dsn, pid)
-        await executor.run(executor.target(READ), [31], READ_FACTS, 10, no_mask)
+        await executor.run(executor.target(READ), [31], READ_FACTS, 10)
         after_read = await last_query(postgres.admin_dsn, pid)
         async with pool.acquire() as conn:
             # Session state left by a use outside the executor's reads is reset on release.
@@ -103,7 +98,7 @@ def test_a_failed_read_is_reset(postgres):
         with pytest.raises(Exception):  # noqa: B017 - any refusal; the reset is the point
             await executor.run(
                 executor.target("SELECT id, status FROM orders WHERE id = $1 / 0"), [31],
-                READ_FACTS, 10, no_mask)
+                READ_FACTS, 10)
         return await last_query(postgres.admin_dsn, pid)
 
     assert "RESET ALL" in with_executor(postgres.owner_dsn, body)
@@ -116,7 +111,7 @@ def test_the_statement_timeout_holds_on_pooled_connections(postgres):
     async def body(executor: Executor, pool: asyncpg.Pool) -> None:
         for _ in range(2):  # the second time on a connection released without a reset
             with pytest.raises(RequestTimeout):
-                await executor.run(executor.target("SELECT pg_sleep(2)"), [], facts, 10, no_mask)
+                await executor.run(executor.target("SELECT pg_sleep(2)"), [], facts, 10)
 
     with_executor(postgres.owner_dsn, body, timeout_ms=200)
 
@@ -131,14 +126,14 @@ def test_a_statement_invalidated_by_a_schema_change_is_prepared_again(postgres, 
                        outputs=(Output("id", (), "computed"), Output("label", (), "computed")))
 
     async def body(executor: Executor, pool: asyncpg.Pool) -> list[Any]:
-        first = await executor.run(executor.target(sql), [], facts, 10, no_mask)
+        first = await executor.run(executor.target(sql), [], facts, 10)
         # The cached statement's result type changes under it.
         admin = await asyncpg.connect(postgres.admin_dsn.replace("/postgres?", "/appdb?"))
         try:
             await admin.execute("ALTER TABLE cache_probe ALTER COLUMN label TYPE varchar(10)")
         finally:
             await admin.close()
-        second = await executor.run(executor.target(sql), [], facts, 10, no_mask)
+        second = await executor.run(executor.target(sql), [], facts, 10)
         return [first.columns, second.columns, second.rows]
 
     try:

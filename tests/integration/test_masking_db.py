@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import api as api_module
 from app import profiles
 from app.facts import FactsExtractor, QueryFacts
+from app.http import app as http_app
 from tests.integration.test_masking import VECTORS, leaks
 
 pytestmark = pytest.mark.integration
@@ -177,7 +177,7 @@ class NullFacts(FactsExtractor):
 @pytest.fixture(scope="module")
 def blind_gateway(make_gateway):
     patch = pytest.MonkeyPatch()
-    patch.setattr(api_module, "FactsExtractor", NullFacts)
+    patch.setattr(http_app, "FactsExtractor", NullFacts)
     try:
         yield make_gateway()
     finally:

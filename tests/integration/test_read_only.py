@@ -10,7 +10,6 @@ import pytest
 from app.errors import Forbidden
 from app.executor import Executor
 from app.facts import QueryFacts
-from app.masking import MaskPlan
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +53,6 @@ def test_read_only_transaction_refuses_a_write_the_facts_missed(postgres, db):
             executor = Executor(pool)
             await executor.run(
                 executor.target("UPDATE orders SET status = 'x' WHERE id = 32"), [], facts, 10,
-                lambda columns: MaskPlan((), columns, {}),
             )
         finally:
             await pool.close()

@@ -7,10 +7,10 @@ import decimal
 import pytest
 
 from app.errors import Forbidden
-from app.executor import Column
 from app.facts import Output, QueryFacts
 from app.masking import check_predicates, make_masker, plan
 from app.policy import Decision
+from app.results import Column
 
 KEY = b"k" * 32
 

@@ -1,0 +1,100 @@
+"""``create_app(settings)``: the lifespan owns every client (through ``Gateway``); routers
+per concern reach it through ``request.app.state.gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.approvals import Notifier
+from app.audit import AuditLog
+from app.config import ConfigError, Settings
+from app.facts import FactsExtractor
+from app.gateway import Gateway
+from app.http import admin, approvals, catalog, health, openapi, query
+from app.http.common import RequestIdMiddleware, install_error_handlers
+from app.identity import Authenticator
+from app.limits import CallerLimits
+from app.liveness import Heartbeat
+from app.metrics import Metrics, MetricsMiddleware
+from app.policy import PolicyClient
+
+log = logging.getLogger("querygate.http")
+
+
+def _mask_key(settings: Settings) -> bytes:
+    if settings.mask_hmac_key is not None:
+        return settings.mask_hmac_key.get_secret_value().encode()
+    # Only outside prod (require_serving checked): hashes are stable for this process only.
+    log.warning("QUERYGATE_MASK_HMAC_KEY is not set: hash masks change on restart")
+    return secrets.token_bytes(32)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application; nothing connects until the lifespan starts."""
+    settings.require_serving()
+    authenticator = Authenticator(settings)
+    mask_key = _mask_key(settings)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = Gateway(
+            mask_key=mask_key,
+            settings=settings,
+            authenticator=authenticator,
+            extractor=FactsExtractor(settings.max_sql_bytes),
+            policy=PolicyClient(
+                settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
+            ),
+            metrics=metrics,
+            limits=CallerLimits(settings.rate_limit_per_s, settings.rate_limit_burst,
+                                settings.max_concurrent_per_identity),
+            heartbeat=Heartbeat(settings.liveness_max_loop_lag_ms / 1000),
+        )
+        cap = settings.max_concurrent_per_identity
+        if cap == 0 or cap >= min(settings.db_pool_max, settings.profile_pool_max):
+            log.warning("QUERYGATE_MAX_CONCURRENT_PER_IDENTITY (%s) is not below the pool sizes: "
+                        "one caller can hold every database connection", cap)
+        # First: nothing is served that could not be audited. A spool that cannot be opened
+        # (locked by another process, unwritable) stops start-up.
+        audit = AuditLog(settings, metrics)
+        await audit.start()
+        gateway.audit = audit
+        # The first JWKS fetch (bounded by QUERYGATE_JWKS_TIMEOUT_MS) happens before serving.
+        await authenticator.start()
+        gateway.notifier = Notifier(settings.approval_webhook_url)
+        try:
+            await gateway.connect()
+        except ConfigError:
+            # A misconfiguration is not a passing outage: refuse to start.
+            await gateway.close()
+            raise
+        except Exception as exc:
+            log.warning("database not reachable at start-up: %s", type(exc).__name__)
+        gateway.tasks.append(asyncio.create_task(gateway.maintain()))
+        gateway.tasks.append(asyncio.create_task(gateway.heartbeat.run()))
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    # /docs in dev only; in prod the OpenAPI document needs a token (app/http/openapi.py).
+    app = FastAPI(title="querygate", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.environment == "dev" else None,
+                  openapi_url=None if settings.environment == "prod" else "/openapi.json")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
+    install_error_handlers(app)
+    for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
+        app.include_router(router)
+    if settings.metrics_enabled:
+        app.include_router(health.metrics_router)
+    openapi.install(app, settings)
+    return app

@@ -1,0 +1,530 @@
+"""The governed path of a statement, whatever protocol brought it: facts → policy → enforce
+→ approvals → audit → execute, and the audit of every outcome, in one place.
+
+A front end (HTTP today: app/http/; the PostgreSQL wire protocol and MCP later) only
+translates. It verifies who is calling with its own credentials (``RequestAudit.auth_failed``
+records a failure), calls ``admit`` before it reads anything else, reads the statement, and
+runs everything under ``guard``, which bounds it by the request's deadline and audits any
+refusal before it propagates. It then renders the outcome this module hands back:
+
+- ``Rows``: a whole answer (masked rows, already encoded as JSON, and counts);
+- ``Streamed``: a ``StreamHead`` and a ``RowStream`` of encoded rows that audits its own end;
+- ``Held``: the statement waits for an approval (its request is on record);
+- ``Explained``: the facts and the decision, nothing executed;
+- ``CallerCatalog``: what this caller may read, with the masks policy would apply now;
+- a refusal: a ``GatewayError`` (app/errors.py), already audited when it leaves ``guard``.
+
+The order the audit trail promises (docs/audit.md): a durable decision before an approval
+is created or claimed and before anything executes; a refusal on record before it is
+answered. Nothing here imports a web framework (a test checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app import masking, policy
+from app.approvals import Approval
+from app.audit import RequestAudit
+from app.config import Settings
+from app.errors import (
+    Forbidden,
+    GatewayError,
+    GatewayTimeout,
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from app.executor import StreamHead
+from app.facts import QueryFacts
+from app.gateway import Gateway
+from app.identity import Identity
+from app.limits import Slot
+from app.metrics import StageClock
+from app.policy import Decision
+from app.profiles import quote_ident
+from app.results import Result, encode_row
+
+log = logging.getLogger("querygate.pipeline")
+
+Channel = Literal["http", "pgwire", "mcp"]
+
+# The request's own bound fires this long after its deadline. The executor closes a
+# connection still in use at the deadline itself (and answers request_timeout), so a
+# database call is always ended there; this ends whatever else is still waiting.
+BACKSTOP_S = 0.25
+
+
+@dataclass(slots=True)
+class Budget:
+    """A request's deadlines (event loop clock) and the caller's statement slot."""
+
+    at: float
+    stream_at: float
+    slot: Slot | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> Budget:
+        now = asyncio.get_running_loop().time()
+        return cls(now + settings.request_timeout_s, now + settings.stream_timeout_s)
+
+    def hand_off(self) -> Slot | None:
+        """The slot, for a stream to release when it ends."""
+        if self.slot is not None:
+            self.slot.handed_off = True
+        return self.slot
+
+    def release(self) -> None:
+        if self.slot is not None and not self.slot.handed_off:
+            self.slot.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """What the caller sent: the SQL text, its parameters, and an approval it uses."""
+
+    sql: str
+    params: Sequence[Any] = ()
+    approval_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """How the request came: its id, the caller's address, the channel, the deadlines, and
+    whether the caller wants the rows as a stream."""
+
+    request_id: str
+    source_ip: str | None
+    budget: Budget
+    channel: Channel = "http"
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Who asked what, and what policy said: the front half of a query and an explain."""
+
+    identity: Identity
+    statement: Statement
+    facts: QueryFacts
+    decision: Decision
+    approval: Approval | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A whole answer: ``result.rows`` are encoded JSON arrays (``results.encode_row``)."""
+
+    decision: Decision
+    result: Result
+    notices: list[dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The statement waits for an approval; the request is on record."""
+
+    decision: Decision
+    approval: Approval
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """The facts and the decision for a statement; nothing executed."""
+
+    identity: Identity
+    facts: QueryFacts
+    decision: Decision
+
+
+@dataclass(slots=True)
+class Streamed:
+    """A stream: its head now, its rows as the front end sends them.
+
+    ``slot`` is the caller's statement slot, to release when the stream ends; ``deadline``
+    bounds the whole stream (sends to a client that stopped reading included).
+    """
+
+    decision: Decision
+    head: StreamHead
+    notices: list[dict[str, str]]
+    rows: RowStream
+    deadline: float
+    slot: Slot | None
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogColumn:
+    """A column the caller may read, with the mask policy applies to it now (or None)."""
+
+    name: str
+    type: str
+    mask: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallerCatalog:
+    """The tables and columns one caller may read."""
+
+    version: int
+    tables: dict[str, tuple[CatalogColumn, ...]]
+
+
+@contextlib.asynccontextmanager
+async def within(deadline: float) -> AsyncIterator[None]:
+    """Bound the request's handling by its deadline: past it, 504 request_timeout."""
+    try:
+        async with asyncio.timeout_at(deadline + BACKSTOP_S) as scope:
+            yield
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise GatewayTimeout(
+            "request_timeout",
+            "the request ran past its deadline (QUERYGATE_REQUEST_TIMEOUT_MS)",
+        ) from None
+
+
+@contextlib.asynccontextmanager
+async def guard(audit: RequestAudit, budget: Budget) -> AsyncIterator[None]:
+    """The one exit of a request: bounded by its deadline, and any refusal audited before
+    it propagates (or it becomes a 503 audit_unavailable); the slot freed unless a stream
+    took it over."""
+    try:
+        async with within(budget.at):
+            yield
+    except asyncio.CancelledError:
+        audit.aborted()
+        raise
+    except Exception as exc:
+        await audit.refused(exc)
+        raise
+    finally:
+        budget.release()
+
+
+def admit(gateway: Gateway, identity: Identity) -> None:
+    """Before any work for this caller: 429 rate_limited past its rate."""
+    gateway.limits.admit((identity.issuer, identity.sub))
+
+
+async def evaluate(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+) -> Evaluation:
+    """Facts and decision — nothing executed; what is learnt is kept in ``audit``."""
+    audit.sql = statement.sql
+    catalog = gateway.catalog
+    if catalog is None or gateway.approvals is None:
+        raise Unavailable("database_unavailable", "the catalog has not been read yet")
+    with audit.clock.timer("facts"):
+        facts = gateway.extractor.extract(statement.sql, catalog)
+    audit.facts = facts
+    if len(statement.params) != facts.param_count:
+        raise Unprocessable(
+            "invalid_parameters",
+            f"the statement uses {facts.param_count} parameters; {len(statement.params)} "
+            "were given",
+        )
+    approval = None
+    if statement.approval_id is not None:
+        # Bound to requester, SQL text, parameters and environment, or refused here.
+        approval = await gateway.approvals.verify(
+            statement.approval_id, identity, gateway.settings.environment, statement.sql,
+            list(statement.params),
+        )
+    settings = gateway.settings
+    try:
+        with audit.clock.timer("policy"):
+            decision = await gateway.policy.decide(policy.decision_input(
+                identity, facts, catalog, environment=settings.environment,
+                database=settings.database_name, request_id=meta.request_id,
+                source_ip=meta.source_ip, approval=approval,
+            ))
+    except Unavailable:
+        gateway.metrics.opa_errors.inc()
+        raise
+    audit.decision = decision
+    return Evaluation(identity, statement, facts, decision, approval)
+
+
+def enforce(decision: Decision, facts: QueryFacts) -> None:
+    """Refuse what policy denied, and masked columns used as predicates."""
+    if not decision.allow:
+        raise Forbidden(
+            "policy_denied",
+            "; ".join(r.message for r in decision.reasons) or "denied by policy",
+            reasons=decision.reasons_json(),
+            decision_id=decision.id,
+        )
+    masking.check_predicates(facts, decision)
+
+
+def notices(facts: QueryFacts, decision: Decision) -> list[dict[str, str]]:
+    """What the caller should know to read the answer right (never a value)."""
+    compared = sorted(c for c in facts.columns_predicate if c in decision.masks)
+    if not compared:
+        return []
+    return [{
+        "code": "masked_predicate",
+        "message": "these columns are masked, so filters, joins, grouping and sorting on them "
+        "compared masked values, not the real ones: " + ", ".join(compared),
+    }]
+
+
+async def approval_event(
+    gateway: Gateway, audit: RequestAudit, approval: Approval, event: str, actor: str,
+    gate: bool = False,
+) -> None:
+    """Audit (and, with a webhook, announce) an approval lifecycle step; never parameter values."""
+    await audit.approval(event, approval, gate=gate, comment=approval.comment)
+    if event in ("requested", "approved", "rejected"):
+        gateway.notifier.notify(
+            f"querygate approval {approval.id} {event} by {actor}: "
+            f"{approval.reason} (requester {approval.requester.get('sub')}, "
+            f"environment {approval.environment}, tables {', '.join(approval.tables)})"
+        )
+
+
+def _record_times(clock: StageClock, started: float, masking_s: float) -> None:
+    """The executor's time, split into masking and the database's share."""
+    total = time.perf_counter() - started
+    clock.add("masking", masking_s)
+    clock.add("database", max(0.0, total - masking_s))
+
+
+async def query(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+) -> Rows | Streamed | Held:
+    """Decide and, if allowed, run the statement; each step is audited before it shows.
+
+    Call it inside ``guard``: a refusal raised here is audited there.
+    """
+    settings = gateway.settings
+    budget = meta.budget
+    ev = await evaluate(gateway, audit, identity, statement, meta)
+    facts, decision = ev.facts, ev.decision
+    enforce(decision, facts)
+    assert gateway.executor is not None and gateway.approvals is not None
+    # Where it runs, and every refusal of that step (a profile PostgreSQL cannot prepare,
+    # ONLY for a masked caller, DDL reading masked columns), before an approval is asked
+    # for a statement that could never run, and before the allow is on record.
+    target, enforced = await gateway.target_for(identity, facts, decision, statement.sql)
+    if decision.require_approval is not None:
+        if ev.approval is not None:
+            raise Forbidden(
+                "approval_not_accepted",
+                "the policy still requires an approval for this request",
+                decision_id=decision.id,
+            )
+        # On record before the approval exists: a spool that cannot take it creates nothing.
+        await audit.decided("approval_required", gate=True)
+        approval = await gateway.approvals.create(
+            identity, settings.environment, statement.sql, list(statement.params),
+            facts.fingerprint, decision.require_approval, decision.id,
+        )
+        await approval_event(gateway, audit, approval, "requested", identity.sub, gate=True)
+        return Held(decision, approval)
+    # One of the caller's slots from here to the end of the answer (pool fairness);
+    # refused (429 too_many_concurrent) before the allow is on record.
+    budget.slot = gateway.limits.slot((identity.issuer, identity.sub))
+    # Durable before anything runs: when the spool cannot take it, nothing runs.
+    await audit.decided("allow", gate=True)
+    if ev.approval is not None:
+        if meta.stream and facts.kind != "select":
+            # The stream would refuse the write only after the claim, using the approval
+            # up for nothing: refuse it first, as Executor.stream does.
+            raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
+                                "application/x-ndjson Accept header for writes")
+        # After policy said yes with the approval in its input, and before anything runs:
+        # the one conditional UPDATE that makes an approval single-use.
+        await gateway.approvals.claim(ev.approval, list(statement.params))
+        await approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
+    rules = masking.Rules(enforced, gateway.mask_key, settings.mask_redact_token, target.masked)
+    started = time.perf_counter()
+    if meta.stream:
+        # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
+        # bound); the policy's own max_rows still holds.
+        batches = gateway.executor.stream(
+            target, statement.params, facts, decision.max_rows, rules,
+            settings.stream_batch_rows, deadline=budget.at, stream_deadline=budget.stream_at,
+        )
+        head = await anext(batches)  # errors before the first row are plain errors
+        assert isinstance(head, StreamHead)
+        rows = RowStream(head, batches, audit, started, settings.max_response_bytes,
+                         meta.request_id)
+        return Streamed(enforced, head, notices(facts, enforced), rows, budget.stream_at,
+                        budget.hand_off())
+    limit = settings.max_rows if decision.max_rows is None else min(
+        settings.max_rows, decision.max_rows
+    )
+    masking_s = 0.0
+    try:
+        result = await gateway.executor.run(
+            target, statement.params, facts, limit, rules,
+            max_rows_affected=decision.max_rows_affected, deadline=budget.at,
+            encode=encode_row, max_bytes=settings.max_response_bytes,
+        )
+        masking_s = result.masking_s
+    finally:
+        _record_times(audit.clock, started, masking_s)
+    if facts.kind == "ddl":
+        # The profiles' views of the changed tables may have been dropped for the DDL:
+        # every recorded profile's come back from the new catalog now, for the other
+        # replicas too, which would otherwise wait for their next refresh.
+        catalog = await gateway.refresh_catalog()
+        assert gateway.profiles is not None
+        await gateway.profiles.resync_recorded(catalog)
+    try:
+        await audit.executed(
+            outcome="ok", rows_returned=len(result.rows), rows_affected=result.rows_affected,
+            truncated=result.truncated, masked=result.masked,
+        )
+    except GatewayError:
+        # The statement ran (its allow decision is on record): answer it all the same.
+        log.error("the outcome of request %s could not be audited", meta.request_id)
+    return Rows(enforced, result, notices(facts, enforced))
+
+
+class RowStream:
+    """A stream's rows, encoded one JSON array and newline per row, in chunks.
+
+    It stops at ``max_bytes`` with ``response_too_large``; its end is audited here (ok,
+    error, or aborted when the client went away) before the front end says how it ended.
+    ``rows`` counts the rows handed out.
+    """
+
+    def __init__(
+        self, head: StreamHead, batches: AsyncIterator[Any], audit: RequestAudit,
+        started: float, max_bytes: int, request_id: str,
+    ) -> None:
+        self.head = head
+        self.rows = 0
+        self._batches = batches
+        self._audit = audit
+        self._started = started
+        self._max_bytes = max_bytes
+        self._request_id = request_id
+        self._closed = False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The encoded rows; a GatewayError ends them, audited before it is raised."""
+        audit = self._audit
+        size = 0
+        try:
+            async for batch in self._batches:
+                lines = []
+                for row in batch:
+                    line = encode_row(row) + b"\n"
+                    size += len(line)
+                    if size > self._max_bytes:
+                        break
+                    lines.append(line)
+                self.rows += len(lines)
+                if lines:
+                    yield b"".join(lines)
+                if size > self._max_bytes:
+                    raise PayloadTooLarge(
+                        "response_too_large",
+                        f"the answer is larger than {self._max_bytes} bytes "
+                        f"(QUERYGATE_MAX_RESPONSE_BYTES); the rows after the first "
+                        f"{self.rows} were not sent",
+                    )
+            _record_times(audit.clock, self._started, self.head.masking_s)
+            try:
+                await audit.executed(outcome="ok", rows_returned=self.rows, streamed=True,
+                                     masked=self.head.masked)
+            except GatewayError:
+                log.error("the outcome of request %s could not be audited", self._request_id)
+        except GatewayError as exc:
+            if not audit.execution_recorded:
+                with contextlib.suppress(GatewayError):
+                    await audit.executed(outcome="error", code=exc.code, rows_returned=self.rows,
+                                         streamed=True, masked=self.head.masked)
+            raise
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the stream: its database connection goes back (the front end calls this
+        however its answer ended, also before the rows began)."""
+        if self._closed:
+            return
+        self._closed = True
+        # A client that went away: the outcome is queued without waiting (it cannot await).
+        self._audit.aborted(rows_returned=self.rows, streamed=True)
+        await self._batches.aclose()  # type: ignore[attr-defined]
+
+
+async def explain(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+) -> Explained:
+    """The facts and the decision for a statement, on record; nothing is executed."""
+    audit.explain = True
+    ev = await evaluate(gateway, audit, identity, statement, meta)
+    decision = ev.decision
+    await audit.decided(
+        "deny" if not decision.allow
+        else "approval_required" if decision.require_approval is not None else "allow",
+        gate=False,
+    )
+    return Explained(identity, ev.facts, decision)
+
+
+async def caller_catalog(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, meta: Meta
+) -> CallerCatalog:
+    """The tables and columns this caller may read, each with the mask it would get now.
+
+    Decided by policy, never here: a table is listed when the decision for reading all its
+    columns (``SELECT <every column> FROM <table>``, through the same facts and decision
+    input as a query) allows it without an approval; a column's mask is the one the
+    masking profile (``data.querygate.masking_profile``) and that decision give it, which is
+    what a query would get. Recorded as an ``admin`` event, ``catalog_list``.
+    """
+    catalog = gateway.catalog
+    if catalog is None:
+        raise Unavailable("database_unavailable", "the catalog has not been read yet")
+    settings = gateway.settings
+    profile = await gateway.profile_masks(identity, catalog, None)
+    tables: dict[str, tuple[CatalogColumn, ...]] = {}
+    for schema, relations in catalog.relations.items():
+        for name, relation in relations.items():
+            table = f"{schema}.{name}"
+            if not relation.columns:
+                continue
+            sql = "SELECT {} FROM {}.{}".format(
+                ", ".join(quote_ident(c) for c in relation.columns), quote_ident(schema),
+                quote_ident(name),
+            )
+            try:
+                facts = gateway.extractor.extract(sql, catalog)
+            except GatewayError:
+                continue  # a relation the gateway cannot govern is not readable
+            try:
+                with audit.clock.timer("policy"):
+                    decision = await gateway.policy.decide(policy.decision_input(
+                        identity, facts, catalog, environment=settings.environment,
+                        database=settings.database_name, request_id=meta.request_id,
+                        source_ip=meta.source_ip,
+                    ))
+            except Unavailable:
+                gateway.metrics.opa_errors.inc()
+                raise
+            if not decision.allow or decision.require_approval is not None:
+                continue
+            masks = {**decision.masks, **profile}
+            tables[table] = tuple(
+                CatalogColumn(column, type_name, masks.get(f"{table}.{column}"))
+                for column, type_name in relation.columns.items()
+            )
+    await audit.admin("catalog_list", "ok", {
+        "version": catalog.version, "tables": len(tables),
+        "masked_columns": sum(1 for cols in tables.values() for c in cols if c.mask),
+    })
+    return CallerCatalog(catalog.version, tables)
