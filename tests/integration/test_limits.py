@@ -7,20 +7,18 @@ process so its resident memory can be sampled while it answers.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from app.config import Settings
 from app.devstack import start_gateway
+from bench.load_bench import rss_peak  # the benchmark's own sampler (20 ms)
 
 pytestmark = pytest.mark.integration
 
@@ -28,29 +26,6 @@ pytestmark = pytest.mark.integration
 HUGE = "SELECT repeat($1, 500000) FROM orders LIMIT 1000"
 # About three seconds of CPU on the demo data, cut by a three-second statement timeout.
 SLOW = "SELECT count(*) FROM orders a, orders b"
-
-
-@contextmanager
-def rss_peak(pid: int) -> Iterator[list[float]]:
-    """Sample a process's RSS every 20 ms; yields [baseline MB, peak MB], filled on exit."""
-    proc = psutil.Process(pid)
-    out = [proc.memory_info().rss / 1e6, 0.0]
-    peak = proc.memory_info().rss
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.wait(0.02):
-            peak = max(peak, proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        out[1] = max(peak, proc.memory_info().rss) / 1e6
 
 
 @pytest.fixture(scope="module")
