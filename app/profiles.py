@@ -392,26 +392,14 @@ class Profiles:
 
         Called inside the DDL's own transaction: the views come back at the next sync,
         and meanwhile a masked caller's name resolves to the table, which it may not read.
+        The views are found by PostgreSQL's own dependency records, whoever created them.
         """
-        targets = [r.split(".", 1) for r in relations if "." in r]
-        if not targets:
+        names = [
+            ".".join(quote_ident(part) for part in r.split(".", 1)) for r in relations if "." in r
+        ]
+        if not names:
             return
-        rows = await conn.fetch(
-            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind = 'v' AND n.nspname LIKE 'qgp\\_%' "
-            "AND c.relname = ANY($1::text[])",
-            [name for _, name in targets],
-        )
-        wanted = {(SCHEMA_PREFIX, schema, name) for schema, name in targets}
-        await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
-        for nspname, relname in rows:
-            if any(nspname.endswith("_" + schema) and relname == name
-                   for _, schema, name in wanted):
-                await conn.execute(
-                    f"DROP VIEW IF EXISTS {quote_ident(nspname)}.{quote_ident(relname)}"
-                )
-        await conn.execute("RESET ROLE")
+        await _drop_profile_views(conn, await conn.fetch(_DEPENDENT_VIEWS_SQL, names))
         # Every cached profile must be re-synced before it serves again.
         for profile in self._profiles.values():
             profile.catalog_version = -1
@@ -601,21 +589,41 @@ async def sync_views(conn: asyncpg.Connection, specs: Iterable[ProfileSpec], cat
     return synced
 
 
+_PROFILE_VIEWS_SQL = """
+SELECT n.nspname, v.relname FROM pg_catalog.pg_class v
+JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace
+WHERE v.relkind = 'v' AND n.nspname LIKE 'qgp\\_%'
+"""
+
+# The profile views whose rewrite rule depends on one of these relations ($1: quoted names).
+_DEPENDENT_VIEWS_SQL = _PROFILE_VIEWS_SQL + """
+AND v.oid IN (
+    SELECT r.ev_class FROM pg_catalog.pg_rewrite r
+    JOIN pg_catalog.pg_depend d
+      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+    WHERE d.refclassid = 'pg_catalog.pg_class'::regclass
+      AND d.refobjid IN (SELECT to_regclass(x) FROM unnest($1::text[]) x)
+)
+"""
+
+
+async def _drop_profile_views(conn: asyncpg.Connection, views: Iterable[Any]) -> None:
+    """Drop these (nspname, relname) views as their owner, inside the caller's transaction."""
+    await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
+    for nspname, relname in views:
+        await conn.execute(f"DROP VIEW IF EXISTS {quote_ident(nspname)}.{quote_ident(relname)}")
+    await conn.execute("RESET ROLE")
+
+
 async def drop_all_views(conn: asyncpg.Connection) -> int:
     """Drop every profile's views (before a migration that drops or retypes columns).
 
     The gateway creates them again from the new catalog before it serves a masked
     statement; meanwhile masked callers resolve names to the tables and are refused.
     """
-    rows = await conn.fetch(
-        "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind = 'v' AND n.nspname LIKE 'qgp\\_%'"
-    )
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
-        for nspname, relname in rows:
-            await conn.execute(f"DROP VIEW IF EXISTS {quote_ident(nspname)}.{quote_ident(relname)}")
+        rows = await conn.fetch(_PROFILE_VIEWS_SQL)
+        await _drop_profile_views(conn, rows)
     return len(rows)
 
 
