@@ -753,9 +753,13 @@ class KafkaSink:
         producer = AIOKafkaProducer(**self._config())
         try:
             await producer.start()
-        except Exception as exc:
+        except BaseException as exc:
+            # Cancellation too (close() with no drain time left cancels a connect in progress):
+            # a producer that is never stopped keeps its sockets and tasks until GC.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 5)
+            if not isinstance(exc, Exception):
+                raise
             raise SinkError(f"cannot connect to Kafka: {type(exc).__name__}: {exc}",
                             kind=type(exc).__name__) from exc
         log.info("audit: connected to %s", self.name)

@@ -240,8 +240,8 @@ def test_a_tampered_copy_is_caught_in_a_file_and_in_a_topic(load_run, kafka, tmp
         from aiokafka import AIOKafkaProducer
 
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-        await producer.start()
         try:
+            await producer.start()
             for value in values:
                 await producer.send_and_wait(topic, value, key=b"gw-load")
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import itertools
 import json
 import logging
@@ -262,6 +263,37 @@ async def test_record_turns_a_full_spool_into_audit_unavailable_or_logs_it_when_
             assert refused.value.code == "audit_unavailable"
             assert log.ready()[0] is False
         await log.close()
+
+
+
+async def test_a_kafka_connect_cancelled_in_progress_still_stops_its_producer():
+    """close() with no drain time left cancels the shipper mid-connect; the producer it was
+    starting must be stopped all the same (an unstopped one keeps its sockets and tasks, and
+    warns from __del__, which pytest turns into an error at the gc below)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # a broker that accepts and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = load_settings(environment="dev", audit_sink="kafka",
+                             audit_kafka_bootstrap=f"127.0.0.1:{port}")
+    sink = audit.KafkaSink(settings, "gw", Metrics())
+    connecting = asyncio.ensure_future(sink.send([b"{}"]))
+    for _ in range(200):
+        if accepted:
+            break
+        await asyncio.sleep(0.01)
+    assert accepted, "the producer never reached the broker"
+    connecting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await connecting
+    server.close()
+    for writer in accepted:
+        writer.close()
+    await server.wait_closed()
+    gc.collect()
 
 
 # --- the verifier ---------------------------------------------------------------------------
