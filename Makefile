@@ -128,7 +128,8 @@ bundle: $(OPA) ## signed policy bundle of rego/ in $(BUNDLE_DIR) (BUNDLE_SIGNING
 	fi; \
 	openssl pkey -in "$$key" -pubout -out $(BUNDLE_DIR)/verification-key.pem; \
 	rev=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
-	if [ -n "$$(git status --porcelain -- rego/ 2>/dev/null)" ]; then rev="$$rev-dirty"; fi; \
+	if [ -n "$$(git status --porcelain -- rego/ 2>/dev/null)" ]; then \
+	  rev="$$rev-dirty-$$(find rego -type f ! -name '*_test.rego' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)"; fi; \
 	$(OPA) build --bundle rego/ --ignore '*_test.rego' --revision "$$rev" \
 	  --signing-key "$$key" --signing-alg RS256 -o $(BUNDLE_DIR)/querygate.tar.gz; \
 	echo "bundle: $(BUNDLE_DIR)/querygate.tar.gz (revision $$rev), verify with $(BUNDLE_DIR)/verification-key.pem"

@@ -1188,6 +1188,8 @@ class RequestAudit:
         if decision is not None:
             body.update({
                 "id": decision.id,
+                # From the gateway's cache: ``id`` is the decision OPA made then.
+                "cached": decision.cached,
                 "bundle_revision": getattr(decision, "bundle_revision", None),
                 "policy_allow": decision.allow,
                 "reasons": decision.reasons_json(),

@@ -117,7 +117,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     opa = None
     try:
         print("querygate dev: starting OPA with rego/ …", flush=True)  # noqa: T201
-        opa = start_opa(opa_bin=args.opa_bin)
+        # As a bundle with a revision, as in a deployment: decisions can then be cached.
+        opa = start_opa(opa_bin=args.opa_bin, bundle_dir=data_dir / "opa")
         settings = load_settings(
             dev_mode=True,
             dev_signing_key_file=data_dir / "dev" / "signing-key.pem",

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     opa_url: str = "http://127.0.0.1:8181"
     opa_decision_path: str = "querygate/decision"
     opa_timeout_ms: int = Field(500, ge=1, le=60_000)
+    # Decisions policy marks cacheable (``cache_ttl_s``) are reused for the same input, bundle
+    # revision and catalog version (docs/decision-contract.md): at most this many, for at most
+    # this long whatever the policy says. 0 entries turns the cache off.
+    decision_cache_entries: int = Field(10_000, ge=0, le=1_000_000)
+    decision_cache_max_ttl_s: int = Field(300, ge=1, le=86_400)
 
     jwt_public_key: SecretStr | None = None
     jwt_public_key_file: Path | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
@@ -100,15 +101,57 @@ class OpaProcess:
             self.process.stderr.close()
 
 
+def policy_digest(paths: list[Path]) -> str:
+    """A revision for a bundle of ``paths``: a digest of every file in them but the tests."""
+    digest = hashlib.sha256()
+    for root in paths:
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file() and not path.name.endswith("_test.rego"):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return "dev-" + digest.hexdigest()[:16]
+
+
+def build_bundle(
+    paths: list[Path], out: Path, opa_bin: str | None = None, revision: str | None = None
+) -> str:
+    """``opa build`` of ``paths`` into ``out`` (tests left out); returns its revision."""
+    revision = revision or policy_digest(paths)
+    built = subprocess.run(  # noqa: S603
+        [find_opa(opa_bin), "build", "--bundle", *(str(p) for p in paths),
+         "--ignore", "*_test.rego", "--revision", revision, "-o", str(out)],
+        capture_output=True, check=False,
+    )
+    if built.returncode != 0:
+        raise StackError(f"opa build failed: {built.stderr.decode(errors='replace')[-2000:]}")
+    return revision
+
+
 def start_opa(
     paths: list[Path] | None = None,
     port: int | None = None,
     opa_bin: str | None = None,
     extra_args: list[str] | None = None,
+    bundle_dir: Path | None = None,
+    bundle: Path | None = None,
 ) -> OpaProcess:
-    """Start OPA on loopback with the given policy paths (default rego/) and wait for it."""
+    """Start OPA on loopback with the given policy paths (default rego/) and wait for it.
+
+    With ``bundle_dir``, the paths are built into a bundle there first, with a digest of
+    them as its revision, and OPA serves that: decisions carry a bundle revision, which
+    the gateway's decision cache requires (docs/decision-contract.md, "Caching"). With
+    ``bundle``, OPA serves that bundle instead of any paths.
+    """
     port = port or free_port()
     binary = find_opa(opa_bin)
+    policy = [str(p) for p in (paths or [REPO_ROOT / "rego"])]
+    if bundle is not None:
+        policy = ["--bundle", str(bundle)]
+    elif bundle_dir is not None:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        bundle = bundle_dir / "querygate.tar.gz"
+        build_bundle([Path(p) for p in policy], bundle, opa_bin)
+        policy = ["--bundle", str(bundle)]
     args = [
         binary,
         "run",
@@ -119,7 +162,7 @@ def start_opa(
         "error",
         "--disable-telemetry",
         *(extra_args or []),
-        *(str(p) for p in (paths or [REPO_ROOT / "rego"])),
+        *policy,
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     url = f"http://127.0.0.1:{port}"

@@ -29,7 +29,7 @@ from app.identity import Authenticator, Identity
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
 from app.metrics import Metrics
-from app.policy import Decision, PolicyClient
+from app.policy import Decision, DecisionCache, PolicyClient
 from app.profiles import ProfileDecisions, Profiles, ProfileSpec, quote_ident
 
 log = logging.getLogger("querygate.gateway")
@@ -43,6 +43,7 @@ class Gateway:
     authenticator: Authenticator
     extractor: FactsExtractor
     policy: PolicyClient
+    decisions: DecisionCache
     mask_key: bytes = b""
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
     approvals: ApprovalStore | None = None

@@ -86,6 +86,12 @@ class Metrics:
             "querygate_opa_errors", "decisions that failed closed because OPA could not answer",
             registry=r,
         )
+        self.decision_cache = Counter(
+            "querygate_decision_cache",
+            "decisions by cache result: hit, miss (asked and stored), uncacheable (asked, "
+            "policy set no TTL or OPA serves no bundle), revision (a new bundle emptied it)",
+            ["result"], registry=r,
+        )
         self.audit_events = Counter(
             "querygate_audit_events", "audit events durably appended to the spool, by type",
             ["type"], registry=r,

@@ -241,11 +241,12 @@ async def evaluate(
     settings = gateway.settings
     try:
         with audit.clock.timer("policy"):
-            decision = await gateway.policy.decide(policy.decision_input(
+            # An approval has a state of its own (claimed, expiring): never from the cache.
+            decision = await gateway.decisions.decide(policy.decision_input(
                 identity, facts, catalog, environment=settings.environment,
                 database=settings.database_name, request_id=meta.request_id,
                 source_ip=meta.source_ip, approval=approval,
-            ))
+            ), catalog.version, cacheable=approval is None)
     except Unavailable:
         gateway.metrics.opa_errors.inc()
         raise
@@ -508,11 +509,11 @@ async def caller_catalog(
                 continue  # a relation the gateway cannot govern is not readable
             try:
                 with audit.clock.timer("policy"):
-                    decision = await gateway.policy.decide(policy.decision_input(
+                    decision = await gateway.decisions.decide(policy.decision_input(
                         identity, facts, catalog, environment=settings.environment,
                         database=settings.database_name, request_id=meta.request_id,
                         source_ip=meta.source_ip,
-                    ))
+                    ), catalog.version)
             except Unavailable:
                 gateway.metrics.opa_errors.inc()
                 raise

@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import re
 import ssl
+import time
 import typing
 import uuid
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ MASK_STRATEGIES = frozenset({"redact", "null", "partial", "email", "hash", "pan"
 # partial keeps the first/last N characters: "partial" (0, 4) or "partial:F:L".
 _PARTIAL = re.compile(r"^partial:\d{1,2}:\d{1,2}$")
 DERIVED_MASKS = frozenset({"redact", "null", "deny"})
+MAX_CACHE_TTL_S = 86_400
 _ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -79,6 +81,10 @@ class Decision:
     db_role: str | None = None
     # The revision of the policy bundle that decided (OPA provenance), for the audit trail.
     bundle_revision: str | None = None
+    # How long policy lets the gateway reuse this decision for the same input (0: never).
+    cache_ttl_s: int = 0
+    # Served from the gateway's cache: ``id`` is then the id of the decision OPA made.
+    cached: bool = False
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
@@ -193,6 +199,9 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         raise _unavailable("malformed decision: db_role must be null or a plain role name")
     if approval is not None:
         _check_approval_request(approval)
+    ttl = result.get("cache_ttl_s", 0)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 <= ttl <= MAX_CACHE_TTL_S:
+        raise _unavailable(f"malformed decision: cache_ttl_s must be 0..{MAX_CACHE_TTL_S} seconds")
     return Decision(
         id=decision_id,
         allow=allow,
@@ -204,7 +213,15 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         masked_predicates_allowed=tuple(allowed_predicates),
         max_rows_affected=rows_affected,
         db_role=db_role,
+        cache_ttl_s=ttl,
     )
+
+
+def _revisions(revisions: dict[str, object]) -> str | None:
+    if len(revisions) == 1:
+        only = next(iter(revisions.values()))
+        return only if isinstance(only, str) and only else None
+    return ",".join(f"{n}={r}" for n, r in sorted(revisions.items()) if isinstance(r, str)) or None
 
 
 def bundle_revision(provenance: object) -> str | None:
@@ -213,15 +230,22 @@ def bundle_revision(provenance: object) -> str | None:
         return None
     bundles = provenance.get("bundles")
     if isinstance(bundles, dict) and bundles:
-        revisions = {
-            name: b.get("revision") for name, b in bundles.items() if isinstance(b, dict)
-        }
-        if len(revisions) == 1:
-            only = next(iter(revisions.values()))
-            return only if isinstance(only, str) and only else None
-        return ",".join(f"{n}={r}" for n, r in sorted(revisions.items()) if isinstance(r, str))
+        return _revisions(
+            {name: b.get("revision") for name, b in bundles.items() if isinstance(b, dict)}
+        )
     revision = provenance.get("revision")
     return revision if isinstance(revision, str) and revision else None
+
+
+def active_revision(bundles: object) -> str | None:
+    """The revision(s) of ``data.system.bundles`` (the bundles OPA has activated), in the
+    form ``bundle_revision`` gives for a decision's provenance; None without bundles."""
+    if not isinstance(bundles, dict) or not bundles:
+        return None
+    return _revisions({
+        name: (b.get("manifest") or {}).get("revision")
+        for name, b in bundles.items() if isinstance(b, dict)
+    })
 
 
 def _check_approval_request(approval: dict[str, Any]) -> None:
@@ -374,6 +398,10 @@ class PolicyClient:
         )
         self._open = False
         self._transport = DecisionTransport(opa_url)
+        # The revision probe (``revision``): the one in flight, and the one the callers who
+        # arrived since it was sent are waiting for.
+        self._probing: asyncio.Task[None] | None = None
+        self._next_probe: asyncio.Future[str | None] | None = None
         self._paths = {
             rule: f"/v1/data/{self._package}/{rule}"
             for rule in (self._rule, "approver_decision", "masking_profile")
@@ -386,6 +414,8 @@ class PolicyClient:
         return self._client
 
     async def close(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         self._transport.close()
         if self._open:
             await self._client.close_connection()
@@ -422,15 +452,52 @@ class PolicyClient:
             raise _unavailable("malformed approver decision: reasons")
         return result["allow"], [Reason(r["rule"], r["message"]) for r in reasons]
 
+    async def revision(self) -> str | None:
+        """The bundle revision OPA has active, as read by a probe sent after this call began
+        (None: OPA serves no bundle); 503 ``policy_unavailable`` when OPA cannot answer.
+
+        Callers share probes: all who arrive while one is in flight wait for the next, which
+        is sent when it returns. So a bundle OPA activated before a caller arrived is always
+        seen, at the cost of one small read of ``data.system.bundles`` per round of callers.
+        """
+        future = self._next_probe
+        if future is None:
+            future = self._next_probe = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieve)
+            if self._probing is None:
+                self._launch_probe()
+        return await asyncio.shield(future)
+
+    def _launch_probe(self) -> None:
+        self._probing = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        # Taken as the probe is sent: whoever arrived before now shares its answer.
+        future, self._next_probe = self._next_probe, None
+        assert future is not None
+        try:
+            payload = await self._post("/v1/data/system/bundles", b"{}")
+            future.set_result(active_revision(payload.get("result")))
+        except Exception as exc:
+            future.set_exception(exc)
+        except BaseException:
+            future.set_exception(_unavailable("the policy engine's revision was not read"))
+            raise
+        finally:
+            self._probing = None
+            if self._next_probe is not None:
+                self._launch_probe()
+
     async def _query(
         self, rule: str, input_: dict[str, Any], provenance: bool = False
     ) -> dict[str, Any]:
         path = self._paths[rule] + ("?provenance=true" if provenance else "")
+        return await self._post(path, orjson.dumps({"input": input_}, default=str))
+
+    async def _post(self, path: str, request: bytes) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._timeout):
-                status, body = await self._transport.post(
-                    path, orjson.dumps({"input": input_}, default=str)
-                )
+                status, body = await self._transport.post(path, request)
         except TimeoutError as exc:
             log.warning("OPA timed out after %.0f ms", self._timeout * 1000)
             raise _unavailable("the policy engine did not answer in time") from exc
@@ -475,3 +542,85 @@ class PolicyClient:
         except Unavailable as exc:
             return False, exc.message
         return True, "ok"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A probe whose every waiter was cancelled: its error is nobody's to report.
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(slots=True)
+class _Entry:
+    decision: Decision  # marked cached
+    revision: str
+    expires: float
+
+
+class DecisionCache:
+    """Decisions policy marked cacheable (``cache_ttl_s``), reused for the same question.
+
+    The key is everything the decision depends on: the whole OPA input but the request's
+    id and time, and the catalog version. An entry is served only while its TTL (capped at
+    ``max_ttl_s``) runs and only if the bundle revision OPA has active now, read by a probe
+    sent after the request arrived (``PolicyClient.revision``), is the one that decided it:
+    a new bundle is in force for the very next request, and a new revision empties the
+    cache. Without a bundle revision (OPA serving plain files) nothing is cached: nothing
+    would tell the gateway that the policy changed. A probe OPA cannot answer fails the
+    request closed, as a decision would. Docs: docs/decision-contract.md, "Caching".
+    """
+
+    def __init__(
+        self, client: PolicyClient, entries: int, max_ttl_s: float,
+        count: typing.Callable[[str], None] = lambda result: None,
+    ) -> None:
+        self._client = client
+        self._max = entries
+        self._max_ttl_s = max_ttl_s
+        self._count = count
+        self._entries: dict[bytes, _Entry] = {}
+        self._revision: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def decide(
+        self, input_: dict[str, Any], catalog_version: int, cacheable: bool = True
+    ) -> Decision:
+        """The decision for ``input_``: a fresh one from OPA, or a cached one (``cached``)."""
+        if not self._max or not cacheable:
+            return await self._client.decide(input_)
+        request = input_.get("request") or {}
+        key = orjson.dumps(
+            [catalog_version, {**input_, "request": {
+                k: v for k, v in request.items() if k not in ("id", "time")
+            }}],
+            default=str,
+        )
+        entry = self._entries.get(key)
+        if entry is not None:
+            revision = await self._client.revision()
+            if revision != self._revision:
+                self._entries.clear()
+                self._revision = revision
+                self._count("revision")
+            elif entry.revision == revision and time.monotonic() < entry.expires:
+                self._count("hit")
+                return entry.decision
+            else:
+                self._entries.pop(key, None)
+        decision = await self._client.decide(input_)
+        revision = decision.bundle_revision
+        if decision.cache_ttl_s <= 0 or revision is None:
+            self._count("uncacheable")
+            return decision
+        self._count("miss")
+        if len(self._entries) >= self._max:
+            self._entries.pop(next(iter(self._entries)))
+        # An entry of a revision older than the last probed one is never served: a hit
+        # needs the probe to read the revision it was decided under.
+        self._entries[key] = _Entry(
+            dataclasses.replace(decision, cached=True), revision,
+            time.monotonic() + min(decision.cache_ttl_s, self._max_ttl_s),
+        )
+        return decision

@@ -428,7 +428,7 @@ def start_baseline(commit: str, pg: Any, work: Path) -> Server:
     source = work / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(source), commit], cwd=REPO_ROOT,
                    check=True, capture_output=True)
-    opa = start_opa([source / "rego"])
+    opa = start_opa([source / "rego"], bundle_dir=work / "baseline-opa")
     # Older commits ran statements as the login role, which here reads nothing itself: for
     # the benchmark only, it is given what the baseline needs on the tables.
     async def grant() -> None:
@@ -579,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qg-bench-"))
     pg = start_postgres(work / "pg", demo=True)
-    opa = start_opa()
+    # A bundle with a revision, as deployed (deploy/k8s/): decisions can be cached.
+    opa = start_opa(bundle_dir=work / "opa")
     servers: list[Server] = []
     try:
         # The gateway's login role reads nothing itself (masking profiles do, docs/masking.md);

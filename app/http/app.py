@@ -22,7 +22,7 @@ from app.identity import Authenticator
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
 from app.metrics import Metrics, MetricsMiddleware
-from app.policy import PolicyClient
+from app.policy import DecisionCache, PolicyClient
 
 log = logging.getLogger("querygate.http")
 
@@ -44,13 +44,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        policy = PolicyClient(settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms)
         gateway = Gateway(
             mask_key=mask_key,
             settings=settings,
             authenticator=authenticator,
             extractor=FactsExtractor(settings.max_sql_bytes),
-            policy=PolicyClient(
-                settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms
+            policy=policy,
+            decisions=DecisionCache(
+                policy, settings.decision_cache_entries, settings.decision_cache_max_ttl_s,
+                lambda result: metrics.decision_cache.labels(result).inc(),
             ),
             metrics=metrics,
             limits=CallerLimits(settings.rate_limit_per_s, settings.rate_limit_burst,

@@ -27,6 +27,7 @@ decision := {
 	"max_rows": max_rows,
 	"max_rows_affected": max_rows_affected,
 	"db_role": db_role,
+	"cache_ttl_s": cache_ttl_s,
 }
 
 default allow := false
@@ -54,6 +55,19 @@ sorted_reasons(rs) := [{"rule": p[0], "message": p[1]} |
 default max_rows := null
 
 max_rows := cfg.default_max_rows if allow
+
+# ---------------------------------------------------------------- caching
+
+# How long the gateway may reuse this decision for the same input (all of it but the
+# request's id and time), bundle revision and catalog version (docs/decision-contract.md,
+# "Caching"). Every rule of this policy reads only the input and data.querygate.config,
+# never the time or another service, so its decisions may be reused, except one that
+# weighs an approval: its state (approved, unused, unexpired) changes without the input
+# changing. A rule that reads the time (time.now_ns, input.request.time) or calls out
+# (http.send) must make cache_ttl_s 0 for every decision it takes part in.
+default cache_ttl_s := 0
+
+cache_ttl_s := cfg.decision_cache_ttl_s if input.approval == null
 
 # ---------------------------------------------------------------- facts
 

@@ -66,6 +66,7 @@ test_alice_select_allowed if {
 		"max_rows": null,
 		"max_rows_affected": null,
 		"db_role": null,
+		"cache_ttl_s": 60,
 	}
 }
 
@@ -165,6 +166,7 @@ test_dana_drop_with_write_targets_in_staging_denied if {
 		"max_rows": null,
 		"max_rows_affected": 1000,
 		"db_role": null,
+		"cache_ttl_s": 60,
 	}
 }
 
@@ -269,7 +271,7 @@ test_decision_always_has_every_key if {
 		d := querygate.decision with input as inp
 		object.keys(d) == {
 			"allow", "reasons", "masks", "derived_mask", "masked_predicates_allowed",
-			"require_approval", "max_rows", "max_rows_affected", "db_role",
+			"require_approval", "max_rows", "max_rows_affected", "db_role", "cache_ttl_s",
 		}
 		is_boolean(d.allow)
 		is_object(d.masks)
@@ -353,4 +355,34 @@ test_without_function_config_every_function_is_denied if {
 	d := querygate.decision with input as select_with_functions(["lower"])
 		with querygate.config as object.remove(querygate.config, ["functions"])
 	not d.allow
+}
+
+# ---------------------------------------------------------------- caching
+
+test_decisions_without_an_approval_are_cacheable_for_the_configured_ttl if {
+	allowed := querygate.decision with input as req(alice, "staging", select_customers)
+	allowed.cache_ttl_s == querygate.config.decision_cache_ttl_s
+	denied := querygate.decision with input as req(alice, "staging", update_orders)
+	denied.allow == false
+	denied.cache_ttl_s == querygate.config.decision_cache_ttl_s
+}
+
+test_a_decision_that_weighs_an_approval_is_never_cached if {
+	inp := object.union(req(dana, "prod", update_orders), {"approval": {"id": "a-1", "status": "approved"}})
+	d := querygate.decision with input as inp
+	d.cache_ttl_s == 0
+}
+
+test_an_input_without_the_approval_key_is_not_cached if {
+	d := querygate.decision with input as object.remove(req(alice, "staging", select_customers), ["approval"])
+	d.cache_ttl_s == 0
+}
+
+test_no_configured_ttl_means_no_caching if {
+	d := querygate.decision with input as req(alice, "staging", select_customers)
+		with querygate.config.decision_cache_ttl_s as 0
+	d.cache_ttl_s == 0
+	e := querygate.decision with input as req(alice, "staging", select_customers)
+		with querygate.config as object.remove(querygate.config, ["decision_cache_ttl_s"])
+	e.cache_ttl_s == 0
 }

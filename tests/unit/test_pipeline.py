@@ -33,7 +33,7 @@ from app.facts import FactsExtractor
 from app.gateway import Gateway
 from app.identity import Identity
 from app.metrics import StageClock
-from app.policy import Decision, Reason
+from app.policy import Decision, DecisionCache, Reason
 from app.results import Column, Result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,11 +182,13 @@ class FakeProfiles:
 
 def _gateway(journal: Journal) -> Gateway:
     settings = load_settings(environment="dev")
+    fake_policy = cast(Any, FakePolicy(journal))
     gateway = Gateway(
         settings=settings,
         authenticator=cast(Any, None),  # the caller arrives verified
         extractor=FactsExtractor(settings.max_sql_bytes),
-        policy=cast(Any, FakePolicy(journal)),
+        policy=fake_policy,
+        decisions=DecisionCache(fake_policy, 0, 1),  # off: every decision is asked
     )
     gateway.catalog = CATALOG
     gateway.approvals = cast(Any, FakeApprovals(journal))

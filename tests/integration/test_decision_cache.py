@@ -1,0 +1,135 @@
+"""The decision cache against a real OPA serving a bundle (docs/decision-contract.md, "Caching").
+
+A cached decision is served only when the bundle revision OPA has active, read after the
+request arrived, is the one that decided it; OPA that cannot answer fails every request
+closed, cached or not; OPA serving plain files (no revision) gets no caching at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.devstack import REPO_ROOT, OpaProcess, build_bundle, start_opa
+from tests.integration.test_deadlines import audited
+
+pytestmark = pytest.mark.integration
+
+READ = "SELECT id, status FROM orders WHERE id = 7"
+WRITE = "UPDATE orders SET status = $1 WHERE id = 22"
+
+
+def _cache(gateway: Any) -> dict[str, float]:
+    text = gateway.client.get("/metrics").text
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "querygate_decision_cache"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+class BundleOpa:
+    """OPA serving a bundle built from a copy of rego/, rebuilt in place on ``edit``."""
+
+    def __init__(self, root: Path) -> None:
+        self.rego = root / "rego"
+        shutil.copytree(REPO_ROOT / "rego", self.rego)
+        self.bundle = root / "querygate.tar.gz"
+        self.revision = build_bundle([self.rego], self.bundle)
+        self.opa: OpaProcess = start_opa(extra_args=["--watch"], bundle=self.bundle)
+        self.url = self.opa.url
+
+    def active(self) -> Any:
+        result = httpx.get(f"{self.url}/v1/data/system/bundles").json()["result"]
+        return next(iter(result.values()))["manifest"]["revision"]
+
+    def edit_config(self, **changes: Any) -> str:
+        data_file = self.rego / "querygate" / "config" / "data.json"
+        data_file.write_text(json.dumps({**json.loads(data_file.read_text()), **changes}))
+        fresh = self.bundle.with_suffix(".new")
+        self.revision = build_bundle([self.rego], fresh)
+        fresh.replace(self.bundle)
+        deadline = time.monotonic() + 20
+        while self.active() != self.revision:
+            assert time.monotonic() < deadline, "OPA did not activate the new bundle"
+            time.sleep(0.02)
+        return self.revision
+
+    def stop(self) -> None:
+        self.opa.stop()
+
+
+@pytest.fixture
+def bundle_opa(tmp_path: Path):
+    opa = BundleOpa(tmp_path)
+    yield opa
+    opa.stop()
+
+
+def test_a_new_bundle_revision_is_in_force_for_the_very_next_request(
+    make_gateway, bundle_opa, alice, tmp_path
+):
+    gateway = make_gateway(opa_url=bundle_opa.url, audit_spool_dir=str(tmp_path / "spool"))
+    answers = [gateway.query(READ, alice) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4, answers[-1].text
+    assert _cache(gateway).get("hit", 0) >= 1
+    # The audit trail tells a cached decision from a fresh one, with OPA's decision id.
+    decisions = [
+        next(e for e in audited(tmp_path / "spool", a.headers["x-request-id"])
+             if e["type"] == "decision")["decision"]
+        for a in answers
+    ]
+    fresh = [d for d in decisions if not d["cached"]]
+    cached = [d for d in decisions if d["cached"]]
+    assert cached and fresh
+    assert {d["id"] for d in cached} <= {d["id"] for d in fresh}
+    assert {d["bundle_revision"] for d in decisions} == {bundle_opa.revision}
+
+    # The analysts' group is no reader any more: OPA has the new bundle active, so the very
+    # next request is decided by it, not by the cached allow.
+    revision = bundle_opa.edit_config(reader_groups=["support", "dba", "security"])
+    denied = gateway.query(READ, alice)
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["error"]["code"] == "policy_denied"
+    assert _cache(gateway).get("revision", 0) >= 1
+    event = next(e for e in audited(tmp_path / "spool", denied.headers["x-request-id"])
+                 if e["type"] == "decision")["decision"]
+    assert (event["cached"], event["bundle_revision"]) == (False, revision)
+
+
+def test_opa_stopped_with_decisions_cached_fails_closed_at_once(make_gateway, bundle_opa, dana,
+                                                                db):
+    gateway = make_gateway(opa_url=bundle_opa.url, opa_timeout_ms=2000)
+    status = db.fetchval("SELECT status FROM orders WHERE id = 22")
+    for _ in range(3):
+        # The same statement with the value it already has: nothing changes, it is cached.
+        assert gateway.query(WRITE, dana, [status]).status_code == 200
+    assert _cache(gateway).get("hit", 0) >= 1
+    bundle_opa.stop()
+    for sql, params in ((WRITE, ["tampered"]), ("SELECT count(*) FROM customers", None)):
+        started = time.monotonic()
+        answer = gateway.query(sql, dana, params)
+        took = time.monotonic() - started
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "policy_unavailable"
+        assert took < 1.0, took  # refused connections, not the 2 s timeout
+    assert db.fetchval("SELECT status FROM orders WHERE id = 22") == status
+
+
+def test_opa_serving_plain_files_gets_no_caching(make_gateway, alice):
+    # The suite's OPA loads rego/ as files: no bundle revision, so nothing would tell the
+    # gateway that the policy changed, and no decision is reused.
+    gateway = make_gateway()
+    for _ in range(3):
+        assert gateway.query(READ, alice).status_code == 200
+    counts = _cache(gateway)
+    assert counts.get("hit", 0) == 0 and counts.get("uncacheable", 0) >= 3
