@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -194,6 +194,10 @@ def _retrieve(future: asyncio.Future[None]) -> None:
     # A request cancelled while waiting never reads its future: read it here, quietly.
     if not future.cancelled():
         future.exception()
+
+
+async def _done() -> None:
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -992,25 +996,44 @@ class AuditLog:
         approval to be created or used); those are refused before the quota's headroom.
         With QUERYGATE_AUDIT_FAIL_OPEN (never in prod) a refusal is logged instead.
         """
+        await self.append(event, gate=gate)
+
+    def append(self, event: dict[str, Any], *, gate: bool) -> Awaitable[None]:
+        """Seal and queue ``event`` now; await the result for it to be durable.
+
+        Raises 503 ``audit_unavailable`` at once when the spool cannot take it, and the
+        awaitable raises it when the write fails. ``record`` is both in one.
+        """
         kind = str(event.get("type"))
         started = time.perf_counter()
         try:
             if self.spool is None:
                 raise SpoolFull("closed", "the audit spool is not open")
             future = self.spool.append(event, gate)
+        except SpoolFull as exc:
+            self._refused(kind, exc)
+            return _done()
+        return self._durable(kind, future, started)
+
+    async def _durable(self, kind: str, future: asyncio.Future[None], started: float) -> None:
+        try:
             # Shielded: a request cancelled now still leaves its event in the spool.
             await asyncio.shield(future)
         except SpoolFull as exc:
-            self.metrics.audit_refused.labels(exc.reason).inc()
-            if self.settings.audit_fail_open:
-                log.error("audit event %s NOT recorded (fail-open): %s", kind, exc)
-                return
-            raise Unavailable(
-                "audit_unavailable",
-                "the audit trail cannot record this request, so it is refused: " + str(exc),
-            ) from exc
+            self._refused(kind, exc)
+            return
         self.metrics.audit_events.labels(kind).inc()
         self.metrics.audit_append_seconds.observe(time.perf_counter() - started)
+
+    def _refused(self, kind: str, exc: SpoolFull) -> None:
+        self.metrics.audit_refused.labels(exc.reason).inc()
+        if self.settings.audit_fail_open:
+            log.error("audit event %s NOT recorded (fail-open): %s", kind, exc)
+            return
+        raise Unavailable(
+            "audit_unavailable",
+            "the audit trail cannot record this request, so it is refused: " + str(exc),
+        ) from exc
 
     def record_nowait(self, event: dict[str, Any]) -> None:
         """Append without waiting (a stream cut short): best effort, never raises."""
@@ -1182,6 +1205,13 @@ class RequestAudit:
         self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None
     ) -> None:
         """The decision event; for an allowed statement, durable before it runs."""
+        await self.deciding(outcome, gate=gate, by=by, code=code)
+
+    def deciding(
+        self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None
+    ) -> Awaitable[None]:
+        """The decision event, sealed into the chain now (503 ``audit_unavailable`` at once
+        if the spool cannot take it); the awaitable returned is its durability."""
         decision = self.decision
         body: dict[str, Any] = {"outcome": outcome, "by": by, "code": code,
                                 "explain": self.explain}
@@ -1206,7 +1236,7 @@ class RequestAudit:
         self.decision_recorded = True
         self.outcome = outcome
         self._label(outcome)
-        await self.log.record(
+        return self.log.append(
             self._event("decision", decision=body, query=query_json(self.sql, self.facts),
                         durations_us=dict(self.clock.durations_us)),
             gate=gate,

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -334,8 +334,16 @@ async def query(
     # One of the caller's slots from here to the end of the answer (pool fairness);
     # refused (429 too_many_concurrent) before the allow is on record.
     budget.slot = gateway.limits.slot((identity.issuer, identity.sub))
-    # Durable before anything runs: when the spool cannot take it, nothing runs.
-    await audit.decided("allow", gate=True)
+    # In the chain before anything runs: a spool that cannot take it refuses it here, and
+    # nothing runs. A write (or anything using an approval) waits until it is durable, too.
+    # A read, which changes nothing, runs while it is written, and its answer waits for it:
+    # a write that fails then fails the request, and no row is returned (docs/audit.md).
+    sealed = audit.deciding("allow", gate=True)
+    decision_durable: Awaitable[None] | None = sealed
+    if not (facts.kind == "select" and not facts.tables_write and ev.approval is None
+            and not meta.stream):
+        await sealed
+        decision_durable = None
     if ev.approval is not None:
         if meta.stream and facts.kind != "select":
             # The stream would refuse the write only after the claim, using the approval
@@ -372,8 +380,14 @@ async def query(
             encode=encode_row, max_bytes=settings.max_response_bytes,
         )
         masking_s = result.masking_s
+    except Exception:
+        if decision_durable is not None:
+            await decision_durable  # the decision before its failure, in the trail as on disk
+        raise
     finally:
         _record_times(audit.clock, started, masking_s)
+    if decision_durable is not None:
+        await decision_durable
     if facts.kind == "ddl":
         # The profiles' views of the changed tables may have been dropped for the DDL:
         # every recorded profile's come back from the new catalog now, for the other

@@ -6,6 +6,8 @@ is on record before its answer; events carry who, what and how long, never value
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import json
 import re
 import time
@@ -302,3 +304,58 @@ def test_a_full_spool_refuses_queries_and_runs_nothing(make_gateway, tmp_path, d
     assert state["querygate_audit_spool_bytes"] <= 64 * 1024
     assert state["querygate_audit_sink_up"] == 0
     db.execute("DROP TABLE audit_quota CASCADE")
+
+
+class SlowSpool:
+    """Wraps a gateway's spool writer: each write takes ``delay`` s (a slow disk), notes when
+    batches holding a decision became durable, and fails every write while ``failing``."""
+
+    def __init__(self, gateway: Any, delay: float) -> None:
+        self.spool = _app_state(gateway).gateway.audit.spool
+        self.write = self.spool._write_sync
+        self.delay = delay
+        self.failing = False
+        self.decisions_durable: list[float] = []
+        self.spool._write_sync = self._write
+
+    def _write(self, data: bytes, roll_to: int) -> Any:
+        time.sleep(self.delay)
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        result = self.write(data, roll_to)
+        if b'"type":"decision"' in data:
+            self.decisions_durable.append(time.time())
+        return result
+
+
+def _app_state(gateway: Any) -> Any:
+    app = gateway.server.config.loaded_app
+    while not hasattr(app, "state"):  # uvicorn's wrappers of the ASGI app
+        app = app.app
+    return app.state
+
+
+def test_a_read_runs_while_its_decision_is_written_and_a_write_waits_for_it(
+    make_gateway, tmp_path, alice, dana, db
+):
+    gateway = make_gateway(audit_spool_dir=str(tmp_path / "spool"))
+    slow = SlowSpool(gateway, delay=0.3)
+    read = gateway.query("SELECT current_timestamp AS t", alice)
+    assert read.status_code == 200, read.text
+    started = dt.datetime.fromisoformat(read.json()["rows"][0][0]).timestamp()
+    # The statement began before its decision was durable; the answer waited for it.
+    assert started < slow.decisions_durable[-1]
+    status = db.fetchval("SELECT status FROM orders WHERE id = 23")
+    write = gateway.query("UPDATE orders SET status = $1 WHERE id = 23 "
+                          "RETURNING current_timestamp AS t", dana, [status])
+    assert write.status_code == 200, write.text
+    started = dt.datetime.fromisoformat(write.json()["rows"][0][0]).timestamp()
+    assert started > slow.decisions_durable[-1]  # a write runs once it is on record
+
+    # The spool cannot write the read's decision: the answer is an error, with no row.
+    slow.failing = True
+    failed = gateway.query("SELECT id, email FROM customers WHERE id = 1", alice)
+    assert failed.status_code == 503, failed.text
+    assert failed.json()["error"]["code"] == "audit_unavailable"
+    assert "rows" not in failed.json() and "@" not in failed.text
+    slow.failing = False

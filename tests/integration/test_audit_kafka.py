@@ -299,12 +299,14 @@ def test_a_30_second_kafka_outage_under_load_loses_nothing(serve, kafka, alice):
 
 def test_sigkill_mid_load_then_restart_ships_the_spool(serve, kafka, alice, tmp_path):
     """Acceptance 3: the gateway dies with events spooled but not shipped; its successor on
-    the same spool (same instance id) ships them first and continues the chain."""
+    the same spool (same instance id) ships them first and continues the chain. Every
+    request answered 200 before the kill has its decision and its outcome on record (reads
+    run while their decision is written, and answer only once it is durable)."""
     topic = "audit-crash"
     kafka.create_topic(topic)
     spool = tmp_path / "spool"
     first = serve(topic, "gw-crash", spool)
-    load = Background(first.url, alice, concurrency=8)
+    load = Background(first.url, alice, concurrency=16)
     try:
         time.sleep(2)
         kafka.stop()  # from here on the spool only grows
@@ -331,4 +333,7 @@ def test_sigkill_mid_load_then_restart_ships_the_spool(serve, kafka, alice, tmp_
     assert restarted and restarted[0]["lifecycle"]["recovered_unshipped"] >= last["seq"] - marker["seq"]
     on_record = {e["request"]["id"] for e in events if e.get("request")}
     assert set(before.ok_ids) | set(after.ok_ids) <= on_record
+    for kind in ("decision", "execution"):
+        recorded = {e["request"]["id"] for e in events if e["type"] == kind}
+        assert not set(before.ok_ids) - recorded, kind
     assert after.statuses == {200: 500}

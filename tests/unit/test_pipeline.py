@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -57,8 +57,10 @@ EMAIL = "public.customers.email"
 class Journal(list[tuple[Any, ...]]):
     """What happened, in order, across every fake."""
 
-    def kinds(self) -> list[str]:
-        return [entry[0] for entry in self]
+    def kinds(self, sealed: bool = False) -> list[str]:
+        """What happened; an audit event counts when durable ("audit"), and with
+        ``sealed`` also when it was sealed into the chain ("sealed")."""
+        return [entry[0] for entry in self if sealed or entry[0] != "sealed"]
 
 
 class FakeAuditLog:
@@ -72,9 +74,17 @@ class FakeAuditLog:
         return {"type": type_, **fields}
 
     async def record(self, event: dict[str, Any], *, gate: bool) -> None:
+        await self.append(event, gate=gate)
+
+    def append(self, event: dict[str, Any], *, gate: bool) -> Awaitable[None]:
         if self.fail:
             raise Unavailable("audit_unavailable", "the spool is full")
-        self.journal.append(("audit", event["type"], _what(event), gate, event))
+        self.journal.append(("sealed", event["type"]))
+
+        async def durable() -> None:
+            self.journal.append(("audit", event["type"], _what(event), gate, event))
+
+        return durable()
 
     def record_nowait(self, event: dict[str, Any]) -> None:
         self.journal.append(("audit", event["type"], _what(event), False, event))
@@ -228,7 +238,10 @@ def test_allow_runs_after_a_durable_decision_and_records_the_execution():
     assert isinstance(outcome, pipeline.Rows)
     assert outcome.result.masked == {}
     assert [json.loads(r) for r in outcome.result.rows] == [[1, "a***@example.com"]]
-    assert journal.kinds() == ["policy", "audit", "execute", "audit"]
+    # A read runs while its decision is written, and its answer waits for it (a write waits
+    # before it runs: the approval tests below).
+    assert journal.kinds(sealed=True) == ["policy", "sealed", "execute", "audit", "sealed",
+                                          "audit"]
     assert _audits(journal) == [("decision", "allow", True), ("execution", "ok", False)]
 
 
