@@ -423,12 +423,13 @@ class Spool:
         """Bytes on disk plus bytes being or waiting to be written."""
         return sum(self._sizes.values()) + self._pending_bytes + self._inflight_bytes
 
-    def append(self, event: dict[str, Any], gate: bool) -> asyncio.Future[None]:
+    def append(self, event: dict[str, Any], gate: bool, wake: bool = True) -> asyncio.Future[None]:
         """Seal ``event`` into the chain and queue it; the future resolves once it is fsynced.
 
         Synchronous up to the queueing, so events are chained in the order this is called
         and a cancelled caller cannot un-append its event. ``gate`` events (those that
-        allow something to happen) are refused ``headroom`` bytes before the quota.
+        allow something to happen) are refused ``headroom`` bytes before the quota. Without
+        ``wake`` the writer is not woken for it: it goes with the next batch (``wake()``).
         """
         if self._closing:
             raise SpoolFull("closed", "the audit spool is closed")
@@ -453,8 +454,13 @@ class Spool:
         self.seq, self.head_hash = seq, digest
         self._pending.append(_Pending(line, seq, digest, future))
         self._pending_bytes += len(line)
-        self._wake.set()
+        if wake:
+            self._wake.set()
         return future
+
+    def wake(self) -> None:
+        """Have the writer sync what is queued."""
+        self._wake.set()
 
     async def run_writer(self) -> None:
         """Write and fsync whatever is queued, one batch per fsync (group commit)."""
@@ -998,24 +1004,30 @@ class AuditLog:
         """
         await self.append(event, gate=gate)
 
-    def append(self, event: dict[str, Any], *, gate: bool) -> Awaitable[None]:
+    def append(self, event: dict[str, Any], *, gate: bool, wake: bool = True) -> Awaitable[None]:
         """Seal and queue ``event`` now; await the result for it to be durable.
 
         Raises 503 ``audit_unavailable`` at once when the spool cannot take it, and the
-        awaitable raises it when the write fails. ``record`` is both in one.
+        awaitable raises it when the write fails. ``record`` is both in one. Without
+        ``wake``, the write waits for the next event appended, or for the awaiting, so two
+        events of a request can share one fsync.
         """
         kind = str(event.get("type"))
         started = time.perf_counter()
         try:
             if self.spool is None:
                 raise SpoolFull("closed", "the audit spool is not open")
-            future = self.spool.append(event, gate)
+            future = self.spool.append(event, gate, wake)
         except SpoolFull as exc:
             self._refused(kind, exc)
             return _done()
-        return self._durable(kind, future, started)
+        return self._durable(kind, future, started, None if wake else self.spool)
 
-    async def _durable(self, kind: str, future: asyncio.Future[None], started: float) -> None:
+    async def _durable(
+        self, kind: str, future: asyncio.Future[None], started: float, wake: Spool | None
+    ) -> None:
+        if wake is not None:
+            wake.wake()
         try:
             # Shielded: a request cancelled now still leaves its event in the spool.
             await asyncio.shield(future)
@@ -1208,10 +1220,12 @@ class RequestAudit:
         await self.deciding(outcome, gate=gate, by=by, code=code)
 
     def deciding(
-        self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None
+        self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None,
+        wake: bool = True,
     ) -> Awaitable[None]:
         """The decision event, sealed into the chain now (503 ``audit_unavailable`` at once
-        if the spool cannot take it); the awaitable returned is its durability."""
+        if the spool cannot take it); the awaitable returned is its durability (``wake``:
+        ``AuditLog.append``)."""
         decision = self.decision
         body: dict[str, Any] = {"outcome": outcome, "by": by, "code": code,
                                 "explain": self.explain}
@@ -1239,7 +1253,7 @@ class RequestAudit:
         return self.log.append(
             self._event("decision", decision=body, query=query_json(self.sql, self.facts),
                         durations_us=dict(self.clock.durations_us)),
-            gate=gate,
+            gate=gate, wake=wake,
         )
 
     def _execution(self, outcome: str, code: str | None, rows_returned: int | None,
@@ -1275,7 +1289,23 @@ class RequestAudit:
         masked: Mapping[str, str] | None = None,
     ) -> None:
         """What running the statement did: counts, flags, durations; never a value."""
-        await self.log.record(
+        await self.executing(outcome=outcome, code=code, rows_returned=rows_returned,
+                             rows_affected=rows_affected, truncated=truncated,
+                             streamed=streamed, masked=masked)
+
+    def executing(
+        self,
+        *,
+        outcome: Literal["ok", "error"],
+        code: str | None = None,
+        rows_returned: int | None = None,
+        rows_affected: int | None = None,
+        truncated: bool | None = None,
+        streamed: bool = False,
+        masked: Mapping[str, str] | None = None,
+    ) -> Awaitable[None]:
+        """``executed``, sealed now; the awaitable returned is its durability."""
+        return self.log.append(
             self._execution(outcome, code, rows_returned, rows_affected, truncated, streamed,
                             masked),
             gate=False,

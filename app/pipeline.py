@@ -338,10 +338,13 @@ async def query(
     # nothing runs. A write (or anything using an approval) waits until it is durable, too.
     # A read, which changes nothing, runs while it is written, and its answer waits for it:
     # a write that fails then fails the request, and no row is returned (docs/audit.md).
-    sealed = audit.deciding("allow", gate=True)
+    read = (facts.kind == "select" and not facts.tables_write and ev.approval is None
+            and not meta.stream)
+    # A read's decision is not synced on its own: it goes with the outcome's (one fsync
+    # for both), or with whatever another request appends first.
+    sealed = audit.deciding("allow", gate=True, wake=not read)
     decision_durable: Awaitable[None] | None = sealed
-    if not (facts.kind == "select" and not facts.tables_write and ev.approval is None
-            and not meta.stream):
+    if not read:
         await sealed
         decision_durable = None
     if ev.approval is not None:
@@ -387,7 +390,28 @@ async def query(
     finally:
         _record_times(audit.clock, started, masking_s)
     if decision_durable is not None:
-        await decision_durable
+        # The outcome first: its append wakes the writer, which syncs both in one batch.
+        # A read answers only once its decision is durable; a spool that cannot make it so
+        # fails the request, and no row is returned.
+        outcome: Awaitable[None] | None = None
+        try:
+            outcome = audit.executing(
+                outcome="ok", rows_returned=len(result.rows),
+                rows_affected=result.rows_affected, truncated=result.truncated,
+                masked=result.masked,
+            )
+        except GatewayError:
+            log.error("the outcome of request %s could not be audited", meta.request_id)
+        try:
+            await decision_durable
+        finally:
+            if outcome is not None:
+                try:
+                    await outcome
+                except GatewayError:
+                    log.error("the outcome of request %s could not be audited",
+                              meta.request_id)
+        return Rows(enforced, result, notices(facts, enforced))
     if facts.kind == "ddl":
         # The profiles' views of the changed tables may have been dropped for the DDL:
         # every recorded profile's come back from the new catalog now, for the other

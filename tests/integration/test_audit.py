@@ -316,6 +316,7 @@ class SlowSpool:
         self.delay = delay
         self.failing = False
         self.decisions_durable: list[float] = []
+        self.batches: list[bytes] = []
         self.spool._write_sync = self._write
 
     def _write(self, data: bytes, roll_to: int) -> Any:
@@ -323,6 +324,7 @@ class SlowSpool:
         if self.failing:
             raise OSError(errno.EIO, "Input/output error")
         result = self.write(data, roll_to)
+        self.batches.append(data)
         if b'"type":"decision"' in data:
             self.decisions_durable.append(time.time())
         return result
@@ -343,8 +345,12 @@ def test_a_read_runs_while_its_decision_is_written_and_a_write_waits_for_it(
     read = gateway.query("SELECT current_timestamp AS t", alice)
     assert read.status_code == 200, read.text
     started = dt.datetime.fromisoformat(read.json()["rows"][0][0]).timestamp()
-    # The statement began before its decision was durable; the answer waited for it.
+    # The statement began before its decision was durable; the answer waited for it. The
+    # decision and the outcome took one fsync.
     assert started < slow.decisions_durable[-1]
+    rid = read.headers["x-request-id"].encode()
+    [batch] = [b for b in slow.batches if rid in b]
+    assert batch.count(rid) == 2 and b'"type":"execution"' in batch
     status = db.fetchval("SELECT status FROM orders WHERE id = 23")
     write = gateway.query("UPDATE orders SET status = $1 WHERE id = 23 "
                           "RETURNING current_timestamp AS t", dana, [status])

@@ -76,7 +76,7 @@ class FakeAuditLog:
     async def record(self, event: dict[str, Any], *, gate: bool) -> None:
         await self.append(event, gate=gate)
 
-    def append(self, event: dict[str, Any], *, gate: bool) -> Awaitable[None]:
+    def append(self, event: dict[str, Any], *, gate: bool, wake: bool = True) -> Awaitable[None]:
         if self.fail:
             raise Unavailable("audit_unavailable", "the spool is full")
         self.journal.append(("sealed", event["type"]))
@@ -240,7 +240,8 @@ def test_allow_runs_after_a_durable_decision_and_records_the_execution():
     assert [json.loads(r) for r in outcome.result.rows] == [[1, "a***@example.com"]]
     # A read runs while its decision is written, and its answer waits for it (a write waits
     # before it runs: the approval tests below).
-    assert journal.kinds(sealed=True) == ["policy", "sealed", "execute", "audit", "sealed",
+    # Its outcome is sealed before its decision is awaited (one fsync for both, in a spool).
+    assert journal.kinds(sealed=True) == ["policy", "sealed", "execute", "sealed", "audit",
                                           "audit"]
     assert _audits(journal) == [("decision", "allow", True), ("execution", "ok", False)]
 
