@@ -229,9 +229,46 @@ def _open(conn: asyncpg.Connection) -> bool:
         return False
 
 
-def connection_settings(statement_timeout_ms: int) -> dict[str, str]:
-    """Server settings every connection of the executor's pool must be opened with."""
-    return {"statement_timeout": str(int(statement_timeout_ms))}
+def connection_settings(statement_timeout_ms: int, *, read_only: bool = False) -> dict[str, str]:
+    """Server settings every connection of the executor's pool must be opened with.
+
+    ``read_only``: every transaction the session does not start READ WRITE itself is read
+    only (``default_transaction_read_only``), the implicit one of a single statement
+    included, so a read the extractor misread (a data-modifying CTE, a function that
+    writes) fails even where it runs outside ``BEGIN READ ONLY`` (``Executor.run``'s one
+    round trip). The executor starts its writes and DDL with ``BEGIN READ WRITE``.
+    """
+    settings = {"statement_timeout": str(int(statement_timeout_ms))}
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def _read_write(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A READ WRITE transaction, whatever the session's default.
+
+    asyncpg's ``transaction()`` can only add READ ONLY to its BEGIN, and a plain BEGIN is
+    read only on a session opened with ``connection_settings(read_only=True)``; this costs
+    the same round trips (BEGIN, COMMIT, or ROLLBACK after an error). A transaction left
+    open all the same (its rollback interrupted) is rolled back when the connection goes
+    back: asyncpg's pool runs its own ``Connection._reset()``, which does, before any reset
+    given to the pool (``CleanSessions.reset``), and never marks a write clean.
+    """
+    await conn.execute("BEGIN READ WRITE")
+    try:
+        yield
+    except BaseException:
+        if _open(conn) and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+def _transaction(conn: asyncpg.Connection, readonly: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    # READ ONLY through asyncpg's own transaction, which also knows how to leave a stream's
+    # transaction to the pool when its generator is closed after the connection went back.
+    return conn.transaction(readonly=True) if readonly else _read_write(conn)
 
 
 class CleanSessions:
@@ -323,7 +360,7 @@ class Executor:
                 self._held[watchdog] = target.pool
                 try:
                     try:
-                        async with conn.transaction(readonly=readonly):
+                        async with _transaction(conn, readonly):
                             if target.prelude is not None:
                                 await target.prelude(conn)
                             if target.db_role is not None:
