@@ -1,8 +1,16 @@
 """Enforce: run the original SQL text on PostgreSQL with asyncpg, inside limits.
 
-- Always the extended protocol (prepare, then fetch through a cursor): one statement only,
+- Always the extended protocol (prepare, then Bind and Execute): one statement only,
   parameters bound by the server, never interpolated into the text.
-- Reads run in a READ ONLY transaction, so a write the extractor missed still fails.
+- A read never runs where it could write, so a write the extractor missed still fails. A
+  JSON read on a session that is read only by default (a masking profile's pool,
+  ``connection_settings(read_only=True)``) costs one round trip once its statement is
+  cached: Bind, Execute of at most FIRST_BATCH_ROWS rows, Sync, in PostgreSQL's implicit
+  transaction, with no pool reset after it (``CleanSessions``). When more rows remain than
+  came and the answer wants them, it runs again through a cursor; so do streams, reads on
+  other sessions, and reads that need SET LOCAL ROLE or a prelude, in a READ ONLY
+  transaction (BEGIN, Bind, Execute per batch, COMMIT). Writes and DDL run in
+  ``BEGIN READ WRITE`` … COMMIT, rolled back past their blast radius.
 - ``statement_timeout`` is a setting of every pool connection (``connection_settings``), not
   a ``SET LOCAL`` per transaction: one round trip less per request (make bench), and no
   statement can change it, since SET and set_config() never pass the extractor and the pool's
@@ -229,20 +237,73 @@ def _open(conn: asyncpg.Connection) -> bool:
         return False
 
 
-def connection_settings(statement_timeout_ms: int) -> dict[str, str]:
-    """Server settings every connection of the executor's pool must be opened with."""
-    return {"statement_timeout": str(int(statement_timeout_ms))}
+def connection_settings(statement_timeout_ms: int, *, read_only: bool = False) -> dict[str, str]:
+    """Server settings every connection of the executor's pool must be opened with.
+
+    ``read_only``: every transaction the session does not start READ WRITE itself is read
+    only (``default_transaction_read_only``), the implicit one of a single statement
+    included, so a read the extractor misread (a data-modifying CTE, a function that
+    writes) fails even where it runs outside ``BEGIN READ ONLY`` (``Executor.run``'s one
+    round trip). The executor starts its writes and DDL with ``BEGIN READ WRITE``.
+    """
+    settings = {"statement_timeout": str(int(statement_timeout_ms))}
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+    return settings
+
+
+def _reads_only(conn: asyncpg.Connection) -> bool:
+    """Whether the server says the session is read only by default, right now.
+
+    PostgreSQL (14 and later) reports ``default_transaction_read_only`` at connect and at
+    every change (ParameterStatus), so this is the server's word, not the pool's
+    configuration. Only such a session runs a read outside an explicit READ ONLY
+    transaction; any other (of a pool opened without ``connection_settings(read_only=True)``,
+    of a server that does not report the setting, or whose default a statement changed)
+    keeps the transaction.
+    """
+    return getattr(conn.get_settings(), "default_transaction_read_only", None) == "on"
+
+
+@contextlib.asynccontextmanager
+async def _read_write(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A READ WRITE transaction, whatever the session's default.
+
+    asyncpg's ``transaction()`` can only add READ ONLY to its BEGIN, and a plain BEGIN is
+    read only on a session opened with ``connection_settings(read_only=True)``; this costs
+    the same round trips (BEGIN, COMMIT, or ROLLBACK after an error). A transaction left
+    open all the same (its rollback interrupted) is rolled back when the connection goes
+    back: asyncpg's pool runs its own ``Connection._reset()``, which does, before any reset
+    given to the pool (``CleanSessions.reset``), and never marks a write clean.
+    """
+    await conn.execute("BEGIN READ WRITE")
+    try:
+        yield
+    except BaseException:
+        if _open(conn) and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+def _transaction(conn: asyncpg.Connection, readonly: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    # READ ONLY through asyncpg's own transaction, which also knows how to leave a stream's
+    # transaction to the pool when its generator is closed after the connection went back.
+    return conn.transaction(readonly=True) if readonly else _read_write(conn)
 
 
 class CleanSessions:
     """The pool's reset: skip it for a session whose last use was a governed read.
 
     asyncpg resets every connection it takes back (advisory unlock, CLOSE ALL, UNLISTEN,
-    RESET ALL): a round trip per request. A SELECT the executor ran in a READ ONLY
-    transaction cannot have left session state behind: SET, LISTEN, DECLARE, PREPARE and
-    temporary tables never pass the extractor, set_config() and advisory locks are denied
-    by the gateway whatever policy allows, and SET LOCAL ROLE ends with the transaction.
-    Every other use (writes, DDL, approvals, the catalog, a failed read) is reset in full.
+    RESET ALL): a round trip per request. A SELECT the executor ran read only, in a READ
+    ONLY transaction or in the implicit transaction of one round trip on a session read only
+    by default (over at its Sync, with its unnamed portal), cannot have left session state
+    behind: SET, LISTEN, DECLARE, PREPARE and temporary tables never pass the extractor,
+    set_config() and advisory locks are denied by the gateway whatever policy allows, and
+    SET LOCAL ROLE ends with the transaction. The one round trip marks a session only if it
+    is still read only by default and outside a transaction afterwards. Every other use
+    (writes, DDL, approvals, the catalog, a failed read) is reset in full.
     Marks are by backend pid, consumed at release; a new connection clears its pid's mark.
     """
 
@@ -301,15 +362,14 @@ class Executor:
         return Target(self._pool, sql, db_role)
 
     @contextlib.asynccontextmanager
-    async def _prepared(
-        self, target: Target, facts: QueryFacts, deadline: float | None = None
-    ) -> AsyncIterator[tuple[asyncpg.Connection, Any, tuple[Column, ...], _Watchdog]]:
-        """A connection in a transaction with ``sql`` prepared and cross-checked.
+    async def _connection(
+        self, target: Target, deadline: float | None
+    ) -> AsyncIterator[tuple[asyncpg.Connection, _Watchdog]]:
+        """A connection of ``target.pool``, watched, with the database's errors translated.
 
         ``deadline`` (the event loop's clock; default ``timeout_s`` from now) bounds the
         wait for a connection and, through the watchdog, every call made on it.
         """
-        readonly = facts.kind == "select" and not facts.tables_write
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._timeout_s
@@ -322,29 +382,11 @@ class Executor:
                 watchdog = _Watchdog(conn, deadline)
                 self._held[watchdog] = target.pool
                 try:
-                    try:
-                        async with conn.transaction(readonly=readonly):
-                            if target.prelude is not None:
-                                await target.prelude(conn)
-                            if target.db_role is not None:
-                                # Least privilege in the database as well: the decision's
-                                # role, for this transaction only. The name was validated as
-                                # a plain identifier.
-                                await conn.execute(f'SET LOCAL ROLE "{target.db_role}"')
-                            statement = await _prepare(conn, target.sql)
-                            columns = tuple(
-                                Column(attr.name, attr.type.name)
-                                for attr in statement.get_attributes()
-                            )
-                            cross_check(facts, columns, target.masked)
-                            yield conn, statement, columns, watchdog
-                    except asyncpg.InvalidCachedStatementError:
-                        # Unlike fetch(), the cursor path leaves the stale statement cached.
-                        await conn.reload_schema_state()
-                        raise
-                    if readonly and self._sessions is not None:
-                        # Committed, and it was a read: nothing to reset (CleanSessions).
-                        self._sessions.mark(conn)
+                    yield conn, watchdog
+                except asyncpg.InvalidCachedStatementError:
+                    # Unlike fetch(), the cursor path leaves the stale statement cached.
+                    await conn.reload_schema_state()
+                    raise
                 finally:
                     # Before the connection goes back: the timer must never fire on it once
                     # another request holds it.
@@ -368,6 +410,25 @@ class Executor:
                     "(QUERYGATE_POOL_ACQUIRE_TIMEOUT_MS); retry later",
                 ) from None
             raise Unavailable("database_unavailable", "the database is unreachable") from exc
+
+    @contextlib.asynccontextmanager
+    async def _in_transaction(
+        self, conn: asyncpg.Connection, target: Target, facts: QueryFacts
+    ) -> AsyncIterator[tuple[Any, tuple[Column, ...]]]:
+        """``target.sql`` prepared and cross-checked in a transaction: READ ONLY for a read,
+        READ WRITE otherwise; ``prelude`` and ``db_role`` take effect in it."""
+        readonly = _reads(facts)
+        async with _transaction(conn, readonly):
+            if target.prelude is not None:
+                await target.prelude(conn)
+            if target.db_role is not None:
+                # Least privilege in the database as well: the decision's role, for this
+                # transaction only. The name was validated as a plain identifier.
+                await conn.execute(f'SET LOCAL ROLE "{target.db_role}"')
+            yield await _checked(conn, target, facts)
+        if readonly and self._sessions is not None:
+            # Committed, and it was a read: nothing to reset (CleanSessions).
+            self._sessions.mark(conn)
 
     async def run(
         self,
@@ -396,8 +457,9 @@ class Executor:
                                        max_rows_affected, deadline, _Answer(
                                            max_rows, encode, max_bytes))
             except asyncpg.InvalidCachedStatementError as exc:
-                # A schema change invalidated the cached statement: the transaction rolled
-                # back, so nothing ran, and _prepared dropped the cache. Prepare afresh, once.
+                # A schema change invalidated the cached statement: its transaction (explicit
+                # or implicit) rolled back, so nothing ran, and _connection dropped the
+                # cache. Prepare afresh, once.
                 if attempt == 2:
                     raise _server_error(exc) from exc
         raise AssertionError("unreachable")
@@ -417,38 +479,48 @@ class Executor:
         rows: list[Any] = []
         clock = _MaskClock()
         try:
-            async with self._prepared(target, facts, deadline) as (_, statement, columns, _w):
-                mask = clock.plan(masks, facts, columns)
-                args = bind_params(params, statement.get_parameters())
-                if columns and not writes:
-                    # Masked (and encoded) batch by batch: besides the answer, which stops at
-                    # its caps, at most one batch of rows is held.
-                    async with contextlib.aclosing(
-                        _batches(statement, args, max_rows + 1, max_rows + 1)
-                    ) as batches:
-                        async for batch in batches:
-                            if not answer.add(clock.apply(mask, batch)):
-                                break
-                else:
-                    # A write runs to completion whatever is fetched; fetching it all gives
-                    # the status that says how many rows it touched.
-                    rows = await statement.fetch(*args)
-                status = statement.get_statusmsg() or ""
-                affected = _affected(status, facts)
-                if (
-                    writes
-                    and max_rows_affected is not None
-                    and affected is not None
-                    and affected > max_rows_affected
-                ):
-                    # Raised inside the transaction: it rolls back.
-                    raise Forbidden(
-                        "blast_radius_exceeded",
-                        f"the statement affected {affected} rows, more than the "
-                        f"{max_rows_affected} allowed; it was rolled back",
-                        rows_affected=affected,
-                        max_rows_affected=max_rows_affected,
-                    )
+            async with self._connection(target, deadline) as (conn, _):
+                if _reads(facts) and _one_trip(target) and _reads_only(conn):
+                    read = await self._read_once(conn, target, params, facts, masks, answer, clock)
+                    if read is not None:
+                        return read
+                    # More rows than the first batch, and the answer wants them. The portal
+                    # closed with the implicit transaction, so the read runs again from the
+                    # start, through a cursor in a READ ONLY transaction: safe, as a read
+                    # cannot write, and the answer is the second run's alone (one snapshot).
+                    answer = answer.restarted()
+                async with self._in_transaction(conn, target, facts) as (statement, columns):
+                    mask = clock.plan(masks, facts, columns)
+                    args = bind_params(params, statement.get_parameters())
+                    if columns and not writes:
+                        # Masked (and encoded) batch by batch: besides the answer, which stops
+                        # at its caps, at most one batch of rows is held.
+                        async with contextlib.aclosing(
+                            _batches(statement, args, max_rows + 1, max_rows + 1)
+                        ) as batches:
+                            async for batch in batches:
+                                if not answer.add(clock.apply(mask, batch)):
+                                    break
+                    else:
+                        # A write runs to completion whatever is fetched; fetching it all
+                        # gives the status that says how many rows it touched.
+                        rows = await statement.fetch(*args)
+                    status = statement.get_statusmsg() or ""
+                    affected = _affected(status, facts)
+                    if (
+                        writes
+                        and max_rows_affected is not None
+                        and affected is not None
+                        and affected > max_rows_affected
+                    ):
+                        # Raised inside the transaction: it rolls back.
+                        raise Forbidden(
+                            "blast_radius_exceeded",
+                            f"the statement affected {affected} rows, more than the "
+                            f"{max_rows_affected} allowed; it was rolled back",
+                            rows_affected=affected,
+                            max_rows_affected=max_rows_affected,
+                        )
         except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:
@@ -458,16 +530,39 @@ class Executor:
         if rows:
             # A write's RETURNING rows, masked once its blast radius was checked.
             answer.add(clock.apply(mask, rows[: max_rows + 1]))
-        return Result(
-            columns=mask.columns,
-            rows=answer.rows,
-            truncated=answer.cut is not None,
-            status=status,
-            rows_affected=affected,
-            truncated_reason=answer.cut,
-            masked=mask.masked,
-            masking_s=clock.seconds,
-        )
+        return _result(mask, answer, status, affected, clock)
+
+    async def _read_once(
+        self,
+        conn: asyncpg.Connection,
+        target: Target,
+        params: Sequence[Any],
+        facts: QueryFacts,
+        masks: masking.Rules | None,
+        answer: _Answer,
+        clock: _MaskClock,
+    ) -> Result | None:
+        """A read in one round trip, or None when its answer wants more rows than came.
+
+        Bind, Execute of at most FIRST_BATCH_ROWS rows (max_rows + 1 if fewer, which is
+        enough to tell ``truncated``) and Sync, in the implicit transaction of a session
+        that is read only by default (``_reads_only``): a write the extractor missed still
+        fails, and the transaction and its portal end at the Sync. The statement comes from
+        the cache and is cross-checked and planned for masking before anything executes.
+        """
+        statement, columns = await _checked(conn, target, facts)
+        mask = clock.plan(masks, facts, columns)
+        args = bind_params(params, statement.get_parameters())
+        limit = min(answer.limit + 1, FIRST_BATCH_ROWS)
+        rows, status, completed = await _bind_execute(statement, args, limit)
+        if answer.add(clock.apply(mask, rows)) and not completed:
+            return None
+        if self._sessions is not None and _reads_only(conn) and not conn.is_in_transaction():
+            # A read, its transaction over: nothing to reset (CleanSessions). A session whose
+            # default the statement changed (a function's SET) is reset, and its next read
+            # takes the READ ONLY transaction.
+            self._sessions.mark(conn)
+        return _result(mask, answer, status.decode() if status else "", None, clock)
 
     async def stream(
         self,
@@ -485,14 +580,18 @@ class Executor:
 
         Memory stays bounded by ``batch_rows`` (fewer for wide rows); the connection is held
         until the generator is exhausted or closed (a client that disconnects closes it),
-        and closed at ``deadline`` until the head is out, at ``stream_deadline`` after.
+        and closed at ``deadline`` until the head is out, at ``stream_deadline`` after. The
+        cursor is a named portal, which lives only in an explicit (READ ONLY) transaction.
         """
         if facts.kind != "select":
             # Writes are answered whole, where the blast radius can be checked before commit.
             raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
                                 "application/x-ndjson Accept header for writes")
         try:
-            async with self._prepared(target, facts, deadline) as (_, statement, columns, dog):
+            async with (
+                self._connection(target, deadline) as (conn, dog),
+                self._in_transaction(conn, target, facts) as (statement, columns),
+            ):
                 clock = _MaskClock()
                 mask = clock.plan(masks, facts, columns)
                 args = bind_params(params, statement.get_parameters())
@@ -510,6 +609,57 @@ class Executor:
             raise _server_error(exc) from exc
         except (ValueError, ArithmeticError) as exc:
             raise _undecodable(exc) from None
+
+
+def _reads(facts: QueryFacts) -> bool:
+    """Whether the facts say the statement only reads (it then runs where it cannot write)."""
+    return facts.kind == "select" and not facts.tables_write
+
+
+def _one_trip(target: Target) -> bool:
+    # SET LOCAL ROLE and a prelude need a transaction of their own.
+    return target.prelude is None and target.db_role is None
+
+
+async def _checked(
+    conn: asyncpg.Connection, target: Target, facts: QueryFacts
+) -> tuple[Any, tuple[Column, ...]]:
+    """The statement (from the cache) and its columns, which must agree with the facts."""
+    statement = await _prepare(conn, target.sql)
+    columns = tuple(Column(attr.name, attr.type.name) for attr in statement.get_attributes())
+    cross_check(facts, columns, target.masked)
+    return statement, columns
+
+
+async def _bind_execute(
+    statement: Any, args: list[Any], limit: int
+) -> tuple[list[Any], bytes | None, bool]:
+    """Bind, Execute of at most ``limit`` rows, Sync: one round trip, one write to the socket.
+
+    The rows, the command tag (None if the portal was suspended) and whether the portal
+    completed. asyncpg does this for ``PreparedStatement.fetch()`` in the private
+    ``__bind_execute``, which keeps only the rows; this is its body with the rest kept.
+    ``__do_execute`` drops asyncpg's caches when a schema change outdated their types, as
+    for fetch(). No timeout: the watchdog bounds the call, as every other.
+    """
+    return await statement._PreparedStatement__do_execute(  # type: ignore[no-any-return]
+        lambda protocol: protocol.bind_execute(statement._state, args, "", limit, True, None)
+    )
+
+
+def _result(
+    mask: masking.MaskPlan, answer: _Answer, status: str, affected: int | None, clock: _MaskClock
+) -> Result:
+    return Result(
+        columns=mask.columns,
+        rows=answer.rows,
+        truncated=answer.cut is not None,
+        status=status,
+        rows_affected=affected,
+        truncated_reason=answer.cut,
+        masked=mask.masked,
+        masking_s=clock.seconds,
+    )
 
 
 class _MaskClock:
@@ -553,6 +703,10 @@ class _Answer:
         self.rows: list[Any] = []
         self.size = 0
         self.cut: str | None = None  # "max_rows" or "response_bytes" once a cap is reached
+
+    def restarted(self) -> _Answer:
+        """An empty answer with the same caps (the read runs again from its first row)."""
+        return _Answer(self.limit, self.encode, self.max_bytes)
 
     def add(self, rows: Sequence[Any]) -> bool:
         """Add masked rows; False once a cap is reached (no more are wanted)."""

@@ -69,7 +69,11 @@ class Gateway:
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             timeout=settings.db_connect_timeout_ms / 1000,
-            # Resolution in the extractor assumes exactly this search path.
+            # Resolution in the extractor assumes exactly this search path. Not read only by
+            # default, unlike the profiles' pools: the gateway's own writes run here
+            # (approvals, profiles and their views, the masking key), and of callers'
+            # statements only DDL, always in an explicit READ WRITE transaction; no caller's
+            # read runs on this pool, so the default would guard nothing.
             server_settings={
                 "search_path": search_path,
                 "application_name": "querygate",
@@ -92,7 +96,13 @@ class Gateway:
             tuple(settings.schemas),
             self.mask_key,
             settings.mask_redact_token,
-            {"application_name": "querygate", **connection_settings(settings.statement_timeout_ms)},
+            # Callers' statements, DDL excepted, run on these: read only by default, so a
+            # statement outside an explicit READ WRITE transaction cannot write, whatever the
+            # extractor took it for.
+            {
+                "application_name": "querygate",
+                **connection_settings(settings.statement_timeout_ms, read_only=True),
+            },
             settings.profile_pool_max,
             settings.max_profiles,
             settings.db_connect_timeout_ms / 1000,

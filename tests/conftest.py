@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from app.config import Settings, load_settings
 from app.devstack import OpaProcess, Postgres, free_port, start_opa, start_postgres
 from app.http import create_app
+from tests.integration.wire import Wire
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -207,6 +208,14 @@ def alice(keys: Keys) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def dana(keys: Keys) -> dict[str, str]:
     return keys.headers("dana", ["dba"])
+
+
+@pytest.fixture
+def wire(postgres: Postgres) -> Iterator[Wire]:
+    """A pass-through to PostgreSQL that records what its clients send (``wire.dsn``)."""
+    passthrough = Wire(postgres.app_dsn)
+    yield passthrough
+    passthrough.close()
 
 
 # --- identity: a real OIDC/JWKS provider on loopback (tests/*/test_identity*.py) -------------

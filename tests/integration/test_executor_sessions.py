@@ -1,7 +1,8 @@
 """What the executor saves per request (make bench) without giving up what it guarantees:
 statements come from asyncpg's statement cache, a governed read skips the pool's reset round
-trip, everything else is reset, and the statement timeout holds on every pooled connection.
-Real PostgreSQL (pgserver)."""
+trip, everything else is reset, the statement timeout holds on every pooled connection, and
+on a session read only by default a read costs one round trip, its answer whole and capped
+as through a cursor. Real PostgreSQL (pgserver)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from app.errors import RequestTimeout
 from app.executor import CleanSessions, Executor, connection_settings
 from app.facts import Output, QueryFacts
+from app.results import encode_row
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +29,22 @@ READ_FACTS = QueryFacts(
 )
 
 
+@pytest.fixture(params=[True, False], ids=["read-only-sessions", "read-write-sessions"])
+def read_only(request: pytest.FixtureRequest) -> bool:
+    """Sessions read only by default (a profile's pool: reads in one round trip) or not."""
+    return bool(request.param)
+
+
 def with_executor(dsn: str, body: Callable[[Executor, asyncpg.Pool], Awaitable[Any]],
-                  timeout_ms: int = 5000) -> Any:
-    """Run ``body`` with an executor on a one-connection pool set up as the gateway's is."""
+                  timeout_ms: int = 5000, read_only: bool = True) -> Any:
+    """Run ``body`` with an executor on a one-connection pool set up as the gateway's are
+    (as a masking profile's, read only by default, unless ``read_only`` is False)."""
 
     async def run() -> Any:
         sessions = CleanSessions()
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=1, server_settings=connection_settings(timeout_ms),
+            dsn, min_size=1, max_size=1,
+            server_settings=connection_settings(timeout_ms, read_only=read_only),
             init=sessions.forget, reset=sessions.reset,
         )
         try:
@@ -53,7 +63,7 @@ async def last_query(admin_dsn: str, pid: int) -> str:
         await admin.close()
 
 
-def test_a_repeated_statement_is_prepared_once_per_connection(postgres):
+def test_a_repeated_statement_is_prepared_once_per_connection(postgres, read_only):
     async def body(executor: Executor, pool: asyncpg.Pool) -> list[Any]:
         for key in (31, 32, 33):
             result = await executor.run(executor.target(READ), [key], READ_FACTS, 10)
@@ -64,13 +74,13 @@ def test_a_repeated_statement_is_prepared_once_per_connection(postgres):
                 READ,
             ))
 
-    prepared = with_executor(postgres.owner_dsn, body)
+    prepared = with_executor(postgres.owner_dsn, body, read_only=read_only)
     # One server-side statement served all three requests (asyncpg's public prepare()
     # would have parsed it three times).
     assert len(prepared) == 1
 
 
-def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres):
+def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres, read_only):
     async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[str, str, str]:
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
@@ -84,14 +94,14 @@ def test_a_read_skips_the_reset_and_anything_else_is_reset(postgres):
             name = str(await conn.fetchval("SHOW application_name"))
         return after_plain_use, after_read, name
 
-    after_plain_use, after_read, name = with_executor(postgres.owner_dsn, body)
+    after_plain_use, after_read, name = with_executor(postgres.owner_dsn, body, read_only=read_only)
     assert "RESET ALL" in after_plain_use
-    # The backend's last statement is the read's COMMIT: no reset round trip followed.
+    # The backend's last statement is the read's (or its COMMIT): no reset round trip followed.
     assert "RESET ALL" not in after_read
     assert name != "dirty"
 
 
-def test_a_failed_read_is_reset(postgres):
+def test_a_failed_read_is_reset(postgres, read_only):
     async def body(executor: Executor, pool: asyncpg.Pool) -> str:
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
@@ -101,10 +111,10 @@ def test_a_failed_read_is_reset(postgres):
                 READ_FACTS, 10)
         return await last_query(postgres.admin_dsn, pid)
 
-    assert "RESET ALL" in with_executor(postgres.owner_dsn, body)
+    assert "RESET ALL" in with_executor(postgres.owner_dsn, body, read_only=read_only)
 
 
-def test_the_statement_timeout_holds_on_pooled_connections(postgres):
+def test_the_statement_timeout_holds_on_pooled_connections(postgres, read_only):
     facts = QueryFacts(fingerprint="sha256:sleep", kind="select",
                        outputs=(Output("pg_sleep", (), "computed"),))
 
@@ -113,10 +123,10 @@ def test_the_statement_timeout_holds_on_pooled_connections(postgres):
             with pytest.raises(RequestTimeout):
                 await executor.run(executor.target("SELECT pg_sleep(2)"), [], facts, 10)
 
-    with_executor(postgres.owner_dsn, body, timeout_ms=200)
+    with_executor(postgres.owner_dsn, body, timeout_ms=200, read_only=read_only)
 
 
-def test_a_statement_invalidated_by_a_schema_change_is_prepared_again(postgres, admin_db):
+def test_a_statement_invalidated_by_a_schema_change_is_prepared_again(postgres, read_only, admin_db):
     admin_db.execute("DROP TABLE IF EXISTS cache_probe CASCADE")
     admin_db.execute("CREATE TABLE cache_probe (id integer PRIMARY KEY, label text)")
     admin_db.execute("INSERT INTO cache_probe VALUES (1, 'one')")
@@ -137,9 +147,99 @@ def test_a_statement_invalidated_by_a_schema_change_is_prepared_again(postgres, 
         return [first.columns, second.columns, second.rows]
 
     try:
-        first, second, rows = with_executor(postgres.owner_dsn, body)
+        first, second, rows = with_executor(postgres.owner_dsn, body, read_only=read_only)
     finally:
         admin_db.execute("DROP TABLE IF EXISTS cache_probe CASCADE")
     assert [c.type for c in first] == ["int4", "text"]
     assert [c.type for c in second] == ["int4", "varchar"]
     assert [tuple(r) for r in rows] == [(1, "one")]
+
+
+SERIES = "SELECT g FROM generate_series(1, $1::int) g"
+SERIES_FACTS = QueryFacts(fingerprint="sha256:series", kind="select",
+                          outputs=(Output("g", (), "expression"),), param_count=1)
+
+
+def began(sent: list[tuple[str, str]]) -> list[str]:
+    """The BEGINs among what the client sent."""
+    return [text for kind, text in sent if kind == "Q" and text.startswith("BEGIN")]
+
+
+@pytest.mark.parametrize(
+    ("rows", "max_rows", "one_trip"),
+    [
+        (10, 100, True),  # all of it in the first batch
+        (15, 100, True),
+        # Exactly a batch: the portal is suspended, as the server looks for a 17th row only
+        # when asked for one; read again through a cursor, as with more rows.
+        (16, 100, False),
+        (17, 100, False),
+        (100, 10, True),  # max_rows + 1 rows tell `truncated`
+        (100, 15, True),
+        (100, 16, False),
+        (6000, 5000, False),
+        (6000, 10000, False),
+    ],
+)
+def test_a_read_comes_back_whole_and_in_order_in_one_round_trip_or_through_a_cursor(
+    wire, rows, max_rows, one_trip
+):
+    async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[Any, list[Any]]:
+        await executor.run(executor.target(SERIES), [1], SERIES_FACTS, 10)  # prepared
+        with wire.recording() as sent:
+            result = await executor.run(executor.target(SERIES), [rows], SERIES_FACTS, max_rows)
+        return result, sent
+
+    result, sent = with_executor(wire.dsn, body)
+    expected = list(range(1, min(rows, max_rows) + 1))
+    assert [r[0] for r in result.rows] == expected
+    assert result.truncated is (rows > max_rows)
+    assert result.truncated_reason == ("max_rows" if rows > max_rows else None)
+    if one_trip:
+        assert [kind for kind, _ in sent] == ["B", "E", "S"], sent
+    else:
+        # The first batch, then the whole read again in a READ ONLY transaction.
+        assert sent[:3] == [("B", ""), ("E", ""), ("S", "")], sent
+        assert began(sent) == ["BEGIN READ ONLY;"], sent
+        assert sent[-1] == ("Q", "COMMIT;"), sent
+
+
+@pytest.mark.parametrize(("max_bytes", "one_trip"), [(40, True), (200, False)])
+def test_the_byte_cap_holds_in_one_round_trip_and_through_a_cursor(wire, max_bytes, one_trip):
+    async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[Any, list[Any]]:
+        await executor.run(executor.target(SERIES), [1], SERIES_FACTS, 10)
+        with wire.recording() as sent:
+            result = await executor.run(executor.target(SERIES), [1000], SERIES_FACTS, 500,
+                                        encode=encode_row, max_bytes=max_bytes)
+        return result, sent
+
+    result, sent = with_executor(wire.dsn, body)
+    encoded = [encode_row([g]) for g in range(1, 1001)]
+    fits = next(n for n in range(1001) if sum(map(len, encoded[: n + 1])) > max_bytes)
+    assert result.rows == encoded[:fits]
+    assert result.truncated and result.truncated_reason == "response_bytes"
+    assert bool(began(sent)) is not one_trip, sent
+
+
+def test_a_read_that_changes_the_sessions_default_is_reset(wire):
+    """The one round trip marks a session clean only while it is read only by default: a
+    statement that turned the default off (here set_config(), which the gateway denies, as
+    if the extractor had missed it) leaves a session that is reset before its next use."""
+    facts = QueryFacts(fingerprint="sha256:set", kind="select",
+                       outputs=(Output("set_config", (), "expression"),))
+    sql = "SELECT set_config('default_transaction_read_only', 'off', false)"
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[list[Any], list[Any], str]:
+        with wire.recording() as changed:
+            await executor.run(executor.target(sql), [], facts, 10)
+        with wire.recording() as next_read:
+            await executor.run(executor.target(SERIES), [3], SERIES_FACTS, 10)
+        async with pool.acquire() as conn:
+            default = str(await conn.fetchval("SHOW default_transaction_read_only"))
+        return changed, next_read, default
+
+    changed, next_read, default = with_executor(wire.dsn, body)
+    assert changed[-1][0] == "Q" and "RESET ALL" in changed[-1][1], changed
+    assert default == "on"
+    # Reset to read only by default, the session reads in one round trip again.
+    assert not began(next_read), next_read

@@ -1,0 +1,70 @@
+"""What a governed read costs on the wire: one round trip (issue #16).
+
+Counted by ``Wire`` (tests/integration/wire.py), a pass-through on PostgreSQL's socket
+between a real gateway and the real server, which reads the messages the gateway sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.wire import Wire, round_trips
+
+pytestmark = pytest.mark.integration
+
+READ = "SELECT id, email FROM customers WHERE id = $1"
+
+
+@pytest.fixture(scope="module")
+def wired(postgres, make_gateway) -> Iterator[tuple[Wire, Any]]:
+    """A gateway whose every connection goes through a ``Wire``; one connection per
+    profile, so a repeated statement finds itself prepared, and no catalog refresh."""
+    wire = Wire(postgres.app_dsn)
+    gateway = make_gateway(database_url=wire.dsn, profile_pool_max=1, catalog_refresh_s=3600)
+    yield wire, gateway
+    gateway.stop()
+    wire.close()
+
+
+def test_a_masked_read_costs_one_round_trip(wired, alice, db):
+    """A read under a masking profile, once its profile's pool is open and the statement is
+    in the connection's cache: Bind, Execute, Sync, and nothing else, not even the pool's
+    reset after it. Before issue #16 the same read cost four round trips on the wire:
+    ``BEGIN READ ONLY``, Bind (+Sync, of the cursor's portal), Execute (+Sync), ``COMMIT``.
+    """
+    wire, gateway = wired
+    first = gateway.query(READ, alice, [3])
+    assert first.status_code == 200, first.text
+    with wire.recording() as sent:
+        response = gateway.query(READ, alice, [3])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    raw = db.fetchval("SELECT email FROM customers WHERE id = 3")
+    assert body["rows"][0][0] == 3 and body["rows"][0][1] != raw  # the database masked it
+    assert body["decision"]["masked"]
+    assert [kind for kind, _ in sent] == ["B", "E", "S"], sent
+    assert round_trips(sent) == 1
+
+
+def test_a_write_still_runs_in_a_read_write_transaction(wired, dana, db):
+    """Sessions that run callers' statements are read only by default; a write says READ
+    WRITE in the BEGIN it always had, so it costs no round trip more than before."""
+    wire, gateway = wired
+    before = db.fetchval("SELECT status FROM orders WHERE id = 33")
+    sql = "UPDATE orders SET status = $1 WHERE id = 33"
+    try:
+        assert gateway.query(sql, dana, ["warmup"]).status_code == 200
+        with wire.recording() as sent:
+            response = gateway.query(sql, dana, ["round-trip"])
+        assert response.status_code == 200, response.text
+        assert response.json()["rows_affected"] == 1
+        assert db.fetchval("SELECT status FROM orders WHERE id = 33") == "round-trip"
+        queries = [text for kind, text in sent if kind == "Q"]
+        assert queries[:2] == ["BEGIN READ WRITE", "COMMIT"], sent
+        # BEGIN, Bind/Execute, COMMIT, and the pool's reset after a write.
+        assert round_trips(sent) == 4, sent
+    finally:
+        db.execute(f"UPDATE orders SET status = '{before}' WHERE id = 33")
