@@ -71,6 +71,7 @@ SCHEMA = "querygate.audit/v1"
 # prev_hash of the first event of a chain.
 GENESIS = "sha256:" + "0" * 64
 SEGMENT_DIGITS = 20
+_SHIP_LINGER_S = 0.05
 _MARKER_EVERY_S = 0.1
 _MAX_BACKOFF_S = 2.0
 
@@ -924,6 +925,11 @@ class Shipper:
             self.up, self.last_error, backoff, self._warned_at = True, None, 0.1, 0.0
             pos = end
             await spool.save_marker()
+            if sum(len(line) for line in lines) < self.batch_bytes // 2:
+                # Not a backlog: let the next batch gather for a moment rather than ship
+                # (a sink round trip, a file sink's fsync) after every spool sync. The
+                # events are durable in the spool meanwhile.
+                await asyncio.sleep(_SHIP_LINGER_S)
 
 
 def _epoch(timestamp: Any) -> float:
