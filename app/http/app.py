@@ -95,6 +95,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     install_error_handlers(app)
+    # /v1/query is served by a plain Starlette route, matched before the APIRoute that
+    # documents it: FastAPI's dependency solving (query parameters parsed, a dependency
+    # graph walked) cost ~9% of the gateway's CPU per query under load (make bench) for a
+    # handler that takes the raw Request anyway. Same handler, same middleware, same errors.
+    app.add_route("/v1/query", query.query, methods=["POST"], include_in_schema=False)
     for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
         app.include_router(router)
     if settings.metrics_enabled:

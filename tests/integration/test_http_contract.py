@@ -93,3 +93,22 @@ def test_the_catalog_shows_pat_the_column_unmasked(gateway, keys):
 def test_the_catalog_needs_a_caller(gateway):
     refused = gateway.client.get("/v1/catalog")
     assert refused.status_code == 401
+
+
+def test_query_is_served_by_the_lean_route_and_still_documented(gateway, alice):
+    """POST /v1/query skips FastAPI's dependency solving (docs/benchmarks.md): the first
+    route that matches it is a plain Starlette route; the APIRoute behind it documents it."""
+    from fastapi.routing import APIRoute
+    from starlette.routing import Match
+
+    app = gateway.server.config.loaded_app
+    while not hasattr(app, "router"):  # uvicorn's wrappers of the ASGI app
+        app = app.app
+    scope = {"type": "http", "path": "/v1/query", "method": "POST"}
+    first = next(r for r in app.router.routes if r.matches(scope)[0] is Match.FULL)
+    assert not isinstance(first, APIRoute)
+    assert "post" in gateway.client.get("/openapi.json").json()["paths"]["/v1/query"]
+    answer = gateway.query("SELECT id FROM orders WHERE id = 1", alice)
+    assert answer.status_code == 200 and answer.json()["rows"] == [[1]]
+    wrong = gateway.client.get("/v1/query", headers=alice)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
