@@ -874,19 +874,27 @@ class Shipper:
             for line in lines:
                 at += len(line) + 1
                 offsets.append(at)
-            kept: list[tuple[bytes, dict[str, Any], int]] = []
-            for line, offset in zip(lines, offsets, strict=True):
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    # Only a write that failed half-way (never acknowledged) leaves this.
-                    log.error("audit spool: skipping an unreadable line in segment %d", end[0])
-                    continue
-                if event.get("seq", 0) > spool.shipped_seq:
-                    kept.append((line, event, offset))
-            lines = [k[0] for k in kept]
-            events = [k[1] for k in kept]
-            offsets = [k[2] for k in kept]
+            events = _Events(lines)
+            if not (events.first_fresh(spool.shipped_seq) and all(
+                line[:1] == b"{" and line[-1:] == b"}" for line in lines
+            )):
+                # Resumed behind the marker, or a line that is not whole: read every line.
+                # The common case, a batch after the last shipped one, parses only the lines
+                # it needs (seq, hash and time of the first and the last acknowledged).
+                kept: list[tuple[bytes, int]] = []
+                for i, (line, offset) in enumerate(zip(lines, offsets, strict=True)):
+                    try:
+                        fresh = events.fresh(i, spool.shipped_seq)
+                    except orjson.JSONDecodeError:
+                        # Only a write that failed half-way (never acknowledged) leaves this.
+                        log.error("audit spool: skipping an unreadable line in segment %d",
+                                  end[0])
+                        continue
+                    if fresh:
+                        kept.append((line, offset))
+                lines = [k[0] for k in kept]
+                offsets = [k[1] for k in kept]
+                events = _Events(lines)
             if not lines:
                 pos = end
                 continue
@@ -930,6 +938,35 @@ class Shipper:
                 # (a sink round trip, a file sink's fsync) after every spool sync. The
                 # events are durable in the spool meanwhile.
                 await asyncio.sleep(_SHIP_LINGER_S)
+
+
+class _Events:
+    """The events of spool lines, parsed when first asked for."""
+
+    __slots__ = ("_lines", "_parsed")
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self._lines = lines
+        self._parsed: dict[int, dict[str, Any]] = {}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        event = self._parsed.get(i)
+        if event is None:
+            event = self._parsed[i] = orjson.loads(self._lines[i])
+        return event
+
+    def first_fresh(self, shipped_seq: int) -> bool:
+        try:
+            return self.fresh(0, shipped_seq)
+        except orjson.JSONDecodeError:
+            return False
+
+    def fresh(self, i: int, shipped_seq: int) -> bool:
+        """Line ``i`` comes after what was shipped (False for a line that is no event)."""
+        if i >= len(self._lines):
+            return False
+        event = self[i]
+        return isinstance(event, dict) and bool(event.get("seq", 0) > shipped_seq)
 
 
 def _epoch(timestamp: Any) -> float:

@@ -214,6 +214,29 @@ async def test_segments_roll_and_the_shipper_moves_everything_in_order(tmp_path)
     await _close(spool, writer)
 
 
+async def test_the_shipper_skips_what_was_shipped_and_lines_that_are_not_events(tmp_path):
+    """The slow path of a batch: resumed behind the marker (a crash between send and save),
+    with a line that is not an event (a half write); only what follows the marker ships."""
+    spool, writer = await _spool(tmp_path)
+    await asyncio.gather(*[spool.append(_event(n=i), gate=True) for i in range(6)])
+    segment = sorted((tmp_path / "spool" / "segments").glob("*.jsonl"))[-1]
+    lines = segment.read_bytes().splitlines()
+    spool.shipped_seq = 3  # the sink has 1-3; the marker still points at the start
+    segment.write_bytes(b"\n".join([*lines[:4], b'{"seq": 5, "half', *lines[4:]]) + b"\n")
+    spool._sizes[spool._segment] = segment.stat().st_size
+    sink = FileSink(tmp_path / "out.jsonl")
+    await sink.start()
+    shipping = asyncio.create_task(Shipper(spool, sink, Metrics()).run())
+    for _ in range(200):
+        if spool.shipped_seq == 6:
+            break
+        await asyncio.sleep(0.01)
+    shipping.cancel()
+    await sink.close()
+    shipped = [orjson.loads(line) for line in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+    assert [e["seq"] for e in shipped] == [4, 5, 6]
+    await _close(spool, writer)
+
 async def test_the_audit_log_recovers_unshipped_events_at_start(tmp_path):
     settings = load_settings(environment="staging", audit_spool_dir=tmp_path / "spool",
                              audit_instance_id="gw-a", audit_drain_timeout_s=2)
