@@ -57,6 +57,7 @@ from postgast.pg_query_pb2 import Token
 
 from app.config import ConfigError, Settings
 from app.errors import GatewayError, Unauthenticated, Unavailable
+from app.ids import new_id
 from app.metrics import Metrics, StageClock
 
 if TYPE_CHECKING:
@@ -1032,7 +1033,7 @@ class AuditLog:
         return {
             "schema": SCHEMA,
             "type": type_,
-            "id": str(uuid.uuid4()),
+            "id": new_id(),
             "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
             "environment": self.settings.environment,
             **fields,

@@ -23,7 +23,6 @@ import re
 import ssl
 import time
 import typing
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -33,6 +32,7 @@ import orjson
 from opa_client import AsyncOpaClient
 
 from app.errors import Unavailable
+from app.ids import new_id
 
 if TYPE_CHECKING:
     from app.approvals import Approval
@@ -426,7 +426,7 @@ class PolicyClient:
         payload = await self._query(self._rule, input_, provenance=True)
         decision_id = payload.get("decision_id")
         if not isinstance(decision_id, str) or not decision_id:
-            decision_id = str(uuid.uuid4())
+            decision_id = new_id()
         decision = parse_decision(payload.get("result"), decision_id)
         revision = bundle_revision(payload.get("provenance"))
         return dataclasses.replace(decision, bundle_revision=revision) if revision else decision

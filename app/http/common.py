@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from app.errors import (
 from app.gateway import Gateway
 from app.http.models import QueryRequest
 from app.identity import Identity
+from app.ids import new_id
 from app.metrics import REQUEST_ID, StageClock
 from app.pipeline import Budget, Meta, Statement
 from app.results import json_default
@@ -69,7 +69,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = str(uuid.uuid4())
+        request_id = new_id()
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
@@ -86,7 +86,7 @@ class RequestIdMiddleware:
 
 
 def request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "") or str(uuid.uuid4())
+    return getattr(request.state, "request_id", "") or new_id()
 
 
 def gateway_of(request: Request) -> Gateway:
