@@ -219,24 +219,16 @@ async def read_statement(request: Request, settings: Settings) -> Statement:
     return Statement(body.sql, body.params, body.approval_id)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in the one shape of docs/errors.md."""
-
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> Response:
-        request.state.error_code = exc.code
-        # Retry-After of a 429 (TooManyRequests.headers).
-        return render(exc.body(request_id(request)), exc.status, getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+async def error_response(request: Request, exc: Exception) -> Response:
+    """The answer to an error, in the one shape of docs/errors.md (and its code in the
+    request state, for the metrics): every handler of ``install_error_handlers``, and the
+    lean /v1/query path (app/http/front.py) in one."""
+    error: GatewayError
+    if isinstance(exc, GatewayError):
+        error = exc
+    elif isinstance(exc, RequestValidationError):
         error = Unprocessable("invalid_request", "the request does not match the schema")
-        request.state.error_code = error.code
-        return render(error.body(request_id(request)), error.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        error: GatewayError
+    elif isinstance(exc, StarletteHTTPException):
         if exc.status_code == 404:
             error = NotFound("not_found", "no such endpoint")
         elif exc.status_code == 405:
@@ -244,11 +236,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             error = Internal("http_error", str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]
-        request.state.error_code = error.code
-        return render(error.body(request_id(request)), error.status)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
+    else:
         # Where it happened, never what: an exception's message may quote data or SQL.
         log.error(
             "unexpected %s (request %s) at %s", type(exc).__name__, request_id(request),
@@ -258,5 +246,12 @@ def install_error_handlers(app: FastAPI) -> None:
             )[:2000],
         )
         error = Internal("internal_error", "an unexpected error occurred; it has been logged")
-        request.state.error_code = error.code
-        return render(error.body(request_id(request)), error.status)
+    request.state.error_code = error.code
+    # Retry-After of a 429 (TooManyRequests.headers).
+    return render(error.body(request_id(request)), error.status, getattr(error, "headers", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the one shape of docs/errors.md."""
+    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, error_response)  # type: ignore[arg-type]

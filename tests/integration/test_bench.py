@@ -51,7 +51,7 @@ def test_a_short_bench_run_reports_every_path_workload_and_stage(tmp_path: Path)
     assert all(s["rows"] == 5000 for s in streams.values())
     assert streams["querygate"]["rss_growth_mb"] is not None
     assert [t["name"].split(":")[0] for t in report["targets"]] == [
-        "point SELECT @4", "point SELECT @4", "facts, cached (p50)",
+        "point @4", "join_agg @4", "write @4", "point SELECT @1", "facts, cached (p50)",
         "OPA decision round trip (p50, idle)", "NDJSON 5,000 masked rows",
         "NDJSON resident memory growth",
     ]

@@ -95,20 +95,40 @@ def test_the_catalog_needs_a_caller(gateway):
     assert refused.status_code == 401
 
 
-def test_query_is_served_by_the_lean_route_and_still_documented(gateway, alice):
-    """POST /v1/query skips FastAPI's dependency solving (docs/benchmarks.md): the first
-    route that matches it is a plain Starlette route; the APIRoute behind it documents it."""
-    from fastapi.routing import APIRoute
-    from starlette.routing import Match
+def test_query_is_served_by_the_lean_front_and_still_documented(gateway, alice, caplog):
+    """POST /v1/query skips FastAPI's stack (app/http/front.py, docs/benchmarks.md): the
+    front serves it with the same ids, metrics and error shape; FastAPI documents it."""
+    from app.http.front import Front
 
-    app = gateway.server.config.loaded_app
-    while not hasattr(app, "router"):  # uvicorn's wrappers of the ASGI app
-        app = app.app
-    scope = {"type": "http", "path": "/v1/query", "method": "POST"}
-    first = next(r for r in app.router.routes if r.matches(scope)[0] is Match.FULL)
-    assert not isinstance(first, APIRoute)
+    front = gateway.server.config.loaded_app
+    while not isinstance(front, Front):  # uvicorn's wrappers of the ASGI app
+        front = front.app
     assert "post" in gateway.client.get("/openapi.json").json()["paths"]["/v1/query"]
     answer = gateway.query("SELECT id FROM orders WHERE id = 1", alice)
     assert answer.status_code == 200 and answer.json()["rows"] == [[1]]
+    assert answer.headers["x-request-id"]
+    refused = gateway.query("SELECT 1; SELECT 2", alice, path="/v1/query?x=1")
+    assert refused.status_code >= 400 and refused.json()["request_id"] == \
+        refused.headers["x-request-id"]
     wrong = gateway.client.get("/v1/query", headers=alice)
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    metrics = gateway.client.get("/metrics").text
+    assert 'querygate_requests_total{code="ok",decision="allow",route="/v1/query"}' in metrics
+
+    # A bug in the handler: the one 500 shape, logged by where it happened, never what.
+    import app.http.query as module
+
+    real = module.pipeline.query
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret 766-16-2186")
+
+    module.pipeline.query = broken
+    try:
+        with caplog.at_level("ERROR"):
+            crashed = gateway.query("SELECT id FROM orders WHERE id = 1", alice)
+    finally:
+        module.pipeline.query = real
+    assert crashed.status_code == 500 and crashed.json()["error"]["code"] == "internal_error"
+    assert "766-16-2186" not in crashed.text and "766-16-2186" not in caplog.text
+    assert "unexpected RuntimeError" in caplog.text
