@@ -30,7 +30,7 @@ from app.limits import CallerLimits
 from app.liveness import Heartbeat
 from app.metrics import Metrics
 from app.policy import Decision, DecisionCache, PolicyClient
-from app.profiles import ProfileDecisions, Profiles, ProfileSpec, quote_ident
+from app.profiles import ProfileDecisions, ProfileError, Profiles, ProfileSpec, quote_ident
 
 log = logging.getLogger("querygate.gateway")
 
@@ -237,6 +237,29 @@ class Gateway:
             base = self.executor.target(sql, role)
             return Target(base.pool, sql, role, prelude=drop_views), decision
         spec = ProfileSpec.of(masks, decision.db_role)
+        self._check_only(spec, sql, decision)
+        try:
+            profile = await self.profiles.get(spec, catalog)
+        except ProfileError as exc:
+            if not isinstance(exc.__cause__, (asyncpg.UndefinedTableError,
+                                              asyncpg.UndefinedColumnError)):
+                raise
+            # The catalog lists a relation or column that is gone (DDL by someone else since
+            # the last refresh): read it again, and prepare the profile policy gives the
+            # caller over the new catalog (its masks decided anew, so a column that came
+            # with the change is masked as policy says), once.
+            catalog = await self.refresh_catalog()
+            masks = {**decision.masks,
+                     **await self.profile_masks(identity, catalog, decision.bundle_revision)}
+            spec = ProfileSpec.of(masks, decision.db_role)
+            self._check_only(spec, sql, decision)
+            profile = await self.profiles.get(spec, catalog)
+        text = grammar.rewrite_schemas(sql, profile.schema_map) if profile.schema_map else sql
+        enforced = dataclasses.replace(decision, masks=masks)
+        return Target(profile.pool, text, None, frozenset(masks)), enforced
+
+    @staticmethod
+    def _check_only(spec: ProfileSpec, sql: str, decision: Decision) -> None:
         if spec.masked and (only := grammar.only_relations(sql)):
             raise Forbidden(
                 "unsupported_construct",
@@ -244,10 +267,6 @@ class Gateway:
                 "parent table include its children): " + ", ".join(only),
                 decision_id=decision.id,
             )
-        profile = await self.profiles.get(spec, catalog)
-        text = grammar.rewrite_schemas(sql, profile.schema_map) if profile.schema_map else sql
-        enforced = dataclasses.replace(decision, masks=masks)
-        return Target(profile.pool, text, None, frozenset(masks)), enforced
 
     async def profile_masks(
         self, identity: Identity, catalog: Catalog, revision: str | None

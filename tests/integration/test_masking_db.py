@@ -594,3 +594,20 @@ def test_a_raw_caller_runs_as_a_profile_role_not_the_login_role(make_gateway, op
         "SELECT * FROM querygate_internal.approvals",
     ]))
     assert outcomes == ["ok", "42501", "42501", "42501"]
+
+
+def test_a_table_dropped_behind_the_gateways_back_does_not_stop_its_profiles(make_gateway, keys,
+                                                                             db):
+    """The gateway's catalog still lists a table someone dropped since its last refresh: a
+    profile prepared from it would fail (42P01), so the catalog is read again first."""
+    db.execute("DROP TABLE IF EXISTS gone_t CASCADE")
+    db.execute("CREATE TABLE gone_t (id int PRIMARY KEY, contact_email text)")
+    try:
+        gw = make_gateway()  # its catalog lists gone_t
+        db.execute("DROP TABLE gone_t CASCADE")
+        answer = gw.query("SELECT id, email FROM customers WHERE id = 1",
+                          keys.headers("alice", ["analysts"]))
+        assert answer.status_code == 200, answer.text
+        assert "@" in answer.json()["rows"][0][1] and "***" in answer.json()["rows"][0][1]
+    finally:
+        db.execute("DROP TABLE IF EXISTS gone_t CASCADE")
