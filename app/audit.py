@@ -1355,6 +1355,16 @@ class RequestAudit:
             gate=False,
         )
 
+    def restart(self) -> None:
+        """The request starts over (a read whose cached decision went stale): what was
+        decided and run is on record; what follows is recorded afresh."""
+        self.facts = None
+        self.decision = None
+        self.decision_recorded = False
+        self.outcome = None
+        self.execution_recorded = False
+        self.label = None
+
     def aborted(self, rows_returned: int | None = None, streamed: bool = False) -> None:
         """An allowed statement whose request was cancelled: queued, not awaited."""
         if self.execution_recorded or self.outcome != "allow" or self.explain:

@@ -115,6 +115,20 @@ class Evaluation:
     facts: QueryFacts
     decision: Decision
     approval: Approval | None
+    # A cached decision taken for a read before its revision probe returned: the probe
+    # (``DecisionCache.speculate``), which must say True before the read is answered.
+    confirm: asyncio.Future[bool] | None = None
+
+
+class _Stale(Exception):  # internal: never leaves query()
+    """A read ran on a cached decision whose bundle revision is no longer active."""
+
+
+def _is_read(facts: QueryFacts, statement: Statement, meta: Meta) -> bool:
+    """A JSON-mode query that changes nothing and uses no approval: it may run while its
+    decision is written (audit) and while its cached decision is confirmed (policy)."""
+    return (facts.kind == "select" and not facts.tables_write
+            and statement.approval_id is None and not meta.stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,9 +229,14 @@ def admit(gateway: Gateway, identity: Identity) -> None:
 
 
 async def evaluate(
-    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
+    speculate: bool = False,
 ) -> Evaluation:
-    """Facts and decision — nothing executed; what is learnt is kept in ``audit``."""
+    """Facts and decision — nothing executed; what is learnt is kept in ``audit``.
+
+    With ``speculate``, a read may get a cached decision before its revision probe has
+    returned (``Evaluation.confirm``); everything else waits for the probe.
+    """
     audit.sql = statement.sql
     catalog = gateway.catalog
     if catalog is None or gateway.approvals is None:
@@ -241,17 +260,24 @@ async def evaluate(
     settings = gateway.settings
     try:
         with audit.clock.timer("policy"):
-            # An approval has a state of its own (claimed, expiring): never from the cache.
-            decision = await gateway.decisions.decide(policy.decision_input(
+            input_ = policy.decision_input(
                 identity, facts, catalog, environment=settings.environment,
                 database=settings.database_name, request_id=meta.request_id,
                 source_ip=meta.source_ip, approval=approval,
-            ), catalog.version, cacheable=approval is None)
+            )
+            # An approval has a state of its own (claimed, expiring): never from the cache.
+            if speculate and _is_read(facts, statement, meta):
+                decision, confirm = await gateway.decisions.speculate(
+                    input_, catalog.version, cacheable=approval is None)
+            else:
+                decision = await gateway.decisions.decide(
+                    input_, catalog.version, cacheable=approval is None)
+                confirm = None
     except Unavailable:
         gateway.metrics.opa_errors.inc()
         raise
     audit.decision = decision
-    return Evaluation(identity, statement, facts, decision, approval)
+    return Evaluation(identity, statement, facts, decision, approval, confirm)
 
 
 def enforce(decision: Decision, facts: QueryFacts) -> None:
@@ -292,6 +318,31 @@ async def approval_event(
         )
 
 
+async def _confirmed(ev: Evaluation, audit: RequestAudit, decision_durable: Awaitable[None]) -> None:
+    """Return once a read's cached decision is confirmed (``Evaluation.confirm``), leaving
+    ``decision_durable`` to the caller. Otherwise it is awaited here: OPA unreachable is
+    503 ``policy_unavailable``; a new bundle active is ``_Stale``, its outcome on record."""
+    if ev.confirm is None:
+        return
+    try:
+        confirmed = await ev.confirm
+    except Exception:
+        await decision_durable
+        raise
+    if confirmed:
+        return
+    try:
+        stale = audit.executing(outcome="error", code="decision_stale", rows_returned=0)
+    except GatewayError:
+        await decision_durable
+        raise
+    try:
+        await decision_durable
+    finally:
+        await stale
+    raise _Stale
+
+
 def _record_times(clock: StageClock, started: float, masking_s: float) -> None:
     """The executor's time, split into masking and the database's share."""
     total = time.perf_counter() - started
@@ -305,10 +356,29 @@ async def query(
     """Decide and, if allowed, run the statement; each step is audited before it shows.
 
     Call it inside ``guard``: a refusal raised here is audited there.
+
+    A read with a cached decision runs while the probe that confirms the decision's bundle
+    revision is out (``DecisionCache.speculate``), and is answered only once it said yes.
+    When a new bundle became active meanwhile, the read is not answered: its outcome is
+    recorded as ``decision_stale``, and the request is decided again by the new policy and
+    run again, as if it had just arrived.
     """
+    try:
+        return await _query(gateway, audit, identity, statement, meta, speculate=True)
+    except _Stale:
+        audit.restart()
+        meta.budget.release()
+        meta.budget.slot = None
+        return await _query(gateway, audit, identity, statement, meta, speculate=False)
+
+
+async def _query(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
+    speculate: bool,
+) -> Rows | Streamed | Held:
     settings = gateway.settings
     budget = meta.budget
-    ev = await evaluate(gateway, audit, identity, statement, meta)
+    ev = await evaluate(gateway, audit, identity, statement, meta, speculate)
     facts, decision = ev.facts, ev.decision
     enforce(decision, facts)
     assert gateway.executor is not None and gateway.approvals is not None
@@ -338,8 +408,7 @@ async def query(
     # nothing runs. A write (or anything using an approval) waits until it is durable, too.
     # A read, which changes nothing, runs while it is written, and its answer waits for it:
     # a write that fails then fails the request, and no row is returned (docs/audit.md).
-    read = (facts.kind == "select" and not facts.tables_write and ev.approval is None
-            and not meta.stream)
+    read = _is_read(facts, statement, meta)
     # A read's decision is not synced on its own: it goes with the outcome's (one fsync
     # for both), or with whatever another request appends first.
     sealed = audit.deciding("allow", gate=True, wake=not read)
@@ -385,11 +454,14 @@ async def query(
         masking_s = result.masking_s
     except Exception:
         if decision_durable is not None:
+            # A failure under a decision that is no longer in force is not answered either.
+            await _confirmed(ev, audit, decision_durable)
             await decision_durable  # the decision before its failure, in the trail as on disk
         raise
     finally:
         _record_times(audit.clock, started, masking_s)
     if decision_durable is not None:
+        await _confirmed(ev, audit, decision_durable)
         # The outcome first: its append wakes the writer, which syncs both in one batch.
         # A read answers only once its decision is durable; a spool that cannot make it so
         # fails the request, and no row is returned.

@@ -587,9 +587,28 @@ class DecisionCache:
     async def decide(
         self, input_: dict[str, Any], catalog_version: int, cacheable: bool = True
     ) -> Decision:
-        """The decision for ``input_``: a fresh one from OPA, or a cached one (``cached``)."""
+        """The decision for ``input_``: a fresh one from OPA, or a cached one (``cached``)
+        once the probe confirmed it."""
+        decision, confirm = await self.speculate(input_, catalog_version, cacheable)
+        if confirm is None or await confirm:
+            return decision
+        decision, _ = await self.speculate(input_, catalog_version, cacheable)
+        return decision
+
+    async def speculate(
+        self, input_: dict[str, Any], catalog_version: int, cacheable: bool = True
+    ) -> tuple[Decision, asyncio.Future[bool] | None]:
+        """A decision now and, when it is a cached one, the probe that confirms it.
+
+        The probe (a task, already sent) resolves True while the revision that made the
+        decision is still the active one, False when a new bundle is active (the entry, or
+        with a new revision the whole cache, is gone: ask again), and raises 503
+        ``policy_unavailable`` when OPA cannot answer. Nothing that depends on a cached
+        decision may take effect before its probe said True: ``decide`` waits for it, and
+        a read that runs meanwhile is answered only after it (app/pipeline.py).
+        """
         if not self._max or not cacheable:
-            return await self._client.decide(input_)
+            return await self._client.decide(input_), None
         request = input_.get("request") or {}
         key = orjson.dumps(
             [catalog_version, {**input_, "request": {
@@ -599,21 +618,16 @@ class DecisionCache:
         )
         entry = self._entries.get(key)
         if entry is not None:
-            revision = await self._client.revision()
-            if revision != self._revision:
-                self._entries.clear()
-                self._revision = revision
-                self._count("revision")
-            elif entry.revision == revision and time.monotonic() < entry.expires:
-                self._count("hit")
-                return entry.decision
-            else:
-                self._entries.pop(key, None)
+            if time.monotonic() < entry.expires:
+                probe = asyncio.ensure_future(self._confirm(key, entry))
+                probe.add_done_callback(_retrieve)
+                return entry.decision, probe
+            self._entries.pop(key, None)
         decision = await self._client.decide(input_)
         revision = decision.bundle_revision
         if decision.cache_ttl_s <= 0 or revision is None:
             self._count("uncacheable")
-            return decision
+            return decision, None
         self._count("miss")
         if len(self._entries) >= self._max:
             self._entries.pop(next(iter(self._entries)))
@@ -623,4 +637,17 @@ class DecisionCache:
             dataclasses.replace(decision, cached=True), revision,
             time.monotonic() + min(decision.cache_ttl_s, self._max_ttl_s),
         )
-        return decision
+        return decision, None
+
+    async def _confirm(self, key: bytes, entry: _Entry) -> bool:
+        revision = await self._client.revision()
+        if revision != self._revision:
+            self._entries.clear()
+            self._revision = revision
+            self._count("revision")
+        if entry.revision == revision:
+            self._entries.setdefault(key, entry)  # first probe after start: still valid
+            self._count("hit")
+            return True
+        self._entries.pop(key, None)
+        return False

@@ -101,9 +101,49 @@ def test_a_new_bundle_revision_is_in_force_for_the_very_next_request(
     assert denied.status_code == 403, denied.text
     assert denied.json()["error"]["code"] == "policy_denied"
     assert _cache(gateway).get("revision", 0) >= 1
-    event = next(e for e in audited(tmp_path / "spool", denied.headers["x-request-id"])
-                 if e["type"] == "decision")["decision"]
-    assert (event["cached"], event["bundle_revision"]) == (False, revision)
+    # On record: the read ran on the cached allow while the probe was out, was not
+    # answered (decision_stale, no row), and was decided again by the new bundle.
+    events = _trail(tmp_path / "spool", denied, 3)
+    assert _kinds(events) == [("decision", True, "allow", None),
+                              ("execution", None, None, "decision_stale"),
+                              ("decision", False, "deny", None)]
+    assert events[1]["execution"]["rows_returned"] == 0
+    assert events[2]["decision"]["bundle_revision"] == revision
+
+
+def _trail(spool: Path, answer: httpx.Response, count: int) -> list[dict[str, Any]]:
+    for _ in range(200):
+        events = audited(spool, answer.headers["x-request-id"])
+        if len(events) >= count:
+            return events
+        time.sleep(0.05)
+    raise AssertionError(events)
+
+
+def _kinds(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["type"], e.get("decision", {}).get("cached"), e.get("decision", {}).get("outcome"),
+             (e.get("execution") or {}).get("code")) for e in events]
+
+
+def test_a_read_in_flight_when_a_bundle_changes_is_answered_by_the_new_policy(
+    make_gateway, bundle_opa, alice, tmp_path
+):
+    gateway = make_gateway(opa_url=bundle_opa.url, audit_spool_dir=str(tmp_path / "spool"))
+    for _ in range(3):
+        assert gateway.query(READ, alice).status_code == 200
+    # A new revision that still lets analysts read: the read that ran on the cached allow
+    # is not answered from it, but decided again and run again.
+    revision = bundle_opa.edit_config(decision_cache_ttl_s=30)
+    answer = gateway.query(READ, alice)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rows"] == [[7, gateway.query(READ, alice).json()["rows"][0][1]]]
+    events = _trail(tmp_path / "spool", answer, 4)
+    assert _kinds(events) == [("decision", True, "allow", None),
+                              ("execution", None, None, "decision_stale"),
+                              ("decision", False, "allow", None),
+                              ("execution", None, None, None)]
+    assert events[2]["decision"]["bundle_revision"] == revision
+    assert answer.json()["decision"]["id"] == events[2]["decision"]["id"]
 
 
 def test_opa_stopped_with_decisions_cached_fails_closed_at_once(make_gateway, bundle_opa, dana,
