@@ -23,7 +23,8 @@ def test_a_short_bench_run_reports_every_path_workload_and_stage(tmp_path: Path)
     out = tmp_path / "report"
     run = subprocess.run(
         [sys.executable, "-m", "bench.load_bench", "--duration", "1", "--warmup", "0",
-         "--clients", "1,4", "--stream-rows", "5000", "--opa-calls", "50", "--out", str(out)],
+         "--clients", "1,4", "--rounds", "1", "--stream-rows", "5000", "--opa-calls", "50",
+         "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
