@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -198,8 +198,23 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-async def _done() -> None:
-    return None
+class Durable:
+    """An appended event's durability: await it (any number of times) for the fsync, or
+    503 ``audit_unavailable``; leaving it unawaited is harmless. A request cancelled while
+    awaiting leaves the event in the spool (the wait is shielded). Awaiting first wakes the
+    writer for an event appended without ``wake``."""
+
+    __slots__ = ("_result", "_spool")
+
+    def __init__(self, result: asyncio.Future[None], spool: Spool | None) -> None:
+        self._result = result
+        self._spool = spool
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._spool is not None:
+            self._spool.wake()
+            self._spool = None
+        return asyncio.shield(self._result).__await__()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -876,9 +891,8 @@ class Shipper:
                 at += len(line) + 1
                 offsets.append(at)
             events = _Events(lines)
-            if not (events.first_fresh(spool.shipped_seq) and all(
-                line[:1] == b"{" and line[-1:] == b"}" for line in lines
-            )):
+            if not (events.first_fresh(spool.shipped_seq) and events.parses(len(lines) - 1)
+                    and all(line[:1] == b"{" and line[-1:] == b"}" for line in lines)):
                 # Resumed behind the marker, or a line that is not whole: read every line.
                 # The common case, a batch after the last shipped one, parses only the lines
                 # it needs (seq, hash and time of the first and the last acknowledged).
@@ -955,6 +969,13 @@ class _Events:
         if event is None:
             event = self._parsed[i] = orjson.loads(self._lines[i])
         return event
+
+    def parses(self, i: int) -> bool:
+        """Line ``i`` is an event (the last one acknowledged is read for its seq and hash)."""
+        try:
+            return isinstance(self[i], dict)
+        except orjson.JSONDecodeError:
+            return False
 
     def first_fresh(self, shipped_seq: int) -> bool:
         try:
@@ -1048,7 +1069,7 @@ class AuditLog:
         """
         await self.append(event, gate=gate)
 
-    def append(self, event: dict[str, Any], *, gate: bool, wake: bool = True) -> Awaitable[None]:
+    def append(self, event: dict[str, Any], *, gate: bool, wake: bool = True) -> Durable:
         """Seal and queue ``event`` now; await the result for it to be durable.
 
         Raises 503 ``audit_unavailable`` at once when the spool cannot take it, and the
@@ -1058,28 +1079,40 @@ class AuditLog:
         """
         kind = str(event.get("type"))
         started = time.perf_counter()
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        result.add_done_callback(_retrieve)
         try:
             if self.spool is None:
                 raise SpoolFull("closed", "the audit spool is not open")
             future = self.spool.append(event, gate, wake)
         except SpoolFull as exc:
             self._refused(kind, exc)
-            return _done()
-        return self._durable(kind, future, started, None if wake else self.spool)
+            result.set_result(None)  # fail-open: logged, not recorded
+            return Durable(result, None)
 
-    async def _durable(
-        self, kind: str, future: asyncio.Future[None], started: float, wake: Spool | None
-    ) -> None:
-        if wake is not None:
-            wake.wake()
-        try:
-            # Shielded: a request cancelled now still leaves its event in the spool.
-            await asyncio.shield(future)
-        except SpoolFull as exc:
-            self._refused(kind, exc)
-            return
-        self.metrics.audit_events.labels(kind).inc()
-        self.metrics.audit_append_seconds.observe(time.perf_counter() - started)
+        def settle(done: asyncio.Future[None]) -> None:
+            if result.done():
+                return
+            if done.cancelled():
+                result.set_exception(Unavailable("audit_unavailable", "the audit write was cancelled"))
+                return
+            exc = done.exception()
+            if isinstance(exc, SpoolFull):
+                try:
+                    self._refused(kind, exc)
+                except Unavailable as refused:
+                    result.set_exception(refused)
+                    return
+                result.set_result(None)
+            elif exc is not None:
+                result.set_exception(exc)
+            else:
+                self.metrics.audit_events.labels(kind).inc()
+                self.metrics.audit_append_seconds.observe(time.perf_counter() - started)
+                result.set_result(None)
+
+        future.add_done_callback(settle)
+        return Durable(result, None if wake else self.spool)
 
     def _refused(self, kind: str, exc: SpoolFull) -> None:
         self.metrics.audit_refused.labels(exc.reason).inc()
@@ -1266,7 +1299,7 @@ class RequestAudit:
     def deciding(
         self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None,
         wake: bool = True,
-    ) -> Awaitable[None]:
+    ) -> Durable:
         """The decision event, sealed into the chain now (503 ``audit_unavailable`` at once
         if the spool cannot take it); the awaitable returned is its durability (``wake``:
         ``AuditLog.append``)."""
@@ -1347,7 +1380,7 @@ class RequestAudit:
         truncated: bool | None = None,
         streamed: bool = False,
         masked: Mapping[str, str] | None = None,
-    ) -> Awaitable[None]:
+    ) -> Durable:
         """``executed``, sealed now; the awaitable returned is its durability."""
         return self.log.append(
             self._execution(outcome, code, rows_returned, rows_affected, truncated, streamed,

@@ -246,8 +246,10 @@ class Gateway:
                 raise
             # The catalog lists a relation or column that is gone (DDL by someone else since
             # the last refresh): read it again, and prepare the profile policy gives the
-            # caller over the new catalog (its masks decided anew, so a column that came
-            # with the change is masked as policy says), once.
+            # caller over the new catalog (the masking_profile decided anew, so a column
+            # that came with the change is masked as policy says; the statement's own
+            # decision, over the old catalog, only adds masks), once. The facts are the old
+            # catalog's: the executor's cross-check refuses a statement they misdescribe.
             catalog = await self.refresh_catalog()
             masks = {**decision.masks,
                      **await self.profile_masks(identity, catalog, decision.bundle_revision)}

@@ -269,6 +269,16 @@ async def evaluate(
             if speculate and _is_read(facts, statement, meta):
                 decision, confirm = await gateway.decisions.speculate(
                     input_, catalog.version, cacheable=approval is None)
+                if confirm is not None and (
+                    not decision.allow or decision.require_approval is not None
+                ):
+                    # Only an allow may be acted on before its probe returns (the read
+                    # runs, and is answered after it): a refusal or an approval request
+                    # would take effect at once.
+                    if not await confirm:
+                        decision = await gateway.decisions.decide(
+                            input_, catalog.version, cacheable=approval is None)
+                    confirm = None
             else:
                 decision = await gateway.decisions.decide(
                     input_, catalog.version, cacheable=approval is None)

@@ -218,10 +218,13 @@ def parse_decision(result: object, decision_id: str) -> Decision:
 
 
 def _revisions(revisions: dict[str, object]) -> str | None:
+    # None unless every bundle has a revision: a bundle without one could change unseen,
+    # and None turns the decision cache off.
+    if not revisions or not all(isinstance(r, str) and r for r in revisions.values()):
+        return None
     if len(revisions) == 1:
-        only = next(iter(revisions.values()))
-        return only if isinstance(only, str) and only else None
-    return ",".join(f"{n}={r}" for n, r in sorted(revisions.items()) if isinstance(r, str)) or None
+        return str(next(iter(revisions.values())))
+    return ",".join(f"{n}={r}" for n, r in sorted(revisions.items()))
 
 
 def bundle_revision(provenance: object) -> str | None:
@@ -230,9 +233,10 @@ def bundle_revision(provenance: object) -> str | None:
         return None
     bundles = provenance.get("bundles")
     if isinstance(bundles, dict) and bundles:
-        return _revisions(
-            {name: b.get("revision") for name, b in bundles.items() if isinstance(b, dict)}
-        )
+        return _revisions({
+            name: b.get("revision") if isinstance(b, dict) else None
+            for name, b in bundles.items()
+        })
     revision = provenance.get("revision")
     return revision if isinstance(revision, str) and revision else None
 
@@ -242,10 +246,11 @@ def active_revision(bundles: object) -> str | None:
     form ``bundle_revision`` gives for a decision's provenance; None without bundles."""
     if not isinstance(bundles, dict) or not bundles:
         return None
-    return _revisions({
-        name: (b.get("manifest") or {}).get("revision")
-        for name, b in bundles.items() if isinstance(b, dict)
-    })
+    revisions: dict[str, object] = {}
+    for name, bundle in bundles.items():
+        manifest = bundle.get("manifest") if isinstance(bundle, dict) else None
+        revisions[name] = manifest.get("revision") if isinstance(manifest, dict) else None
+    return _revisions(revisions)
 
 
 def _check_approval_request(approval: dict[str, Any]) -> None:
@@ -416,6 +421,9 @@ class PolicyClient:
     async def close(self) -> None:
         if self._probing is not None:
             self._probing.cancel()
+        if self._next_probe is not None and not self._next_probe.done():
+            # A probe cancelled before it started would leave its waiters waiting.
+            self._next_probe.set_exception(_unavailable("the policy client is closed"))
         self._transport.close()
         if self._open:
             await self._client.close_connection()
@@ -592,8 +600,9 @@ class DecisionCache:
         decision, confirm = await self.speculate(input_, catalog_version, cacheable)
         if confirm is None or await confirm:
             return decision
-        decision, _ = await self.speculate(input_, catalog_version, cacheable)
-        return decision
+        # A new bundle is active: OPA's own answer, not another cache lookup (a miss of
+        # the old revision may have stored an entry meanwhile).
+        return await self._client.decide(input_)
 
     async def speculate(
         self, input_: dict[str, Any], catalog_version: int, cacheable: bool = True

@@ -173,3 +173,18 @@ def test_opa_serving_plain_files_gets_no_caching(make_gateway, alice):
         assert gateway.query(READ, alice).status_code == 200
     counts = _cache(gateway)
     assert counts.get("hit", 0) == 0 and counts.get("uncacheable", 0) >= 3
+
+
+def test_a_cached_refusal_is_not_answered_before_its_probe(make_gateway, bundle_opa, keys):
+    """Only an allow may be acted on while its probe is out: a cached denial waits for it,
+    so a bundle that now permits the request is in force for the very next one."""
+    gateway = make_gateway(opa_url=bundle_opa.url)
+    marketing = keys.headers("mia", ["marketing"])
+    for _ in range(3):
+        denied = gateway.query(READ, marketing)
+        assert denied.status_code == 403, denied.text
+    assert _cache(gateway).get("hit", 0) >= 1
+    readers = json.loads((bundle_opa.rego / "querygate" / "config" / "data.json").read_text())
+    bundle_opa.edit_config(reader_groups=[*readers["reader_groups"], "marketing"])
+    allowed = gateway.query(READ, marketing)
+    assert allowed.status_code == 200, allowed.text

@@ -119,7 +119,8 @@ async def test_a_new_revision_empties_the_cache_before_the_next_decision():
     opa.active = "r2"
     decision = await cache.decide(_input(), 1)
     assert not decision.cached and decision.bundle_revision == "r2"
-    assert len(cache) == 1  # the other entry went with the old revision
+    assert len(cache) == 0  # both entries went with the old revision
+    assert not (await cache.decide(_input(), 1)).cached  # asked, and stored under r2
     assert (await cache.decide(_input(), 1)).cached
 
 
@@ -159,6 +160,10 @@ def test_the_active_revision_reads_like_a_provenance_revision():
     assert active_revision({"querygate": {"manifest": {"revision": "abc"}}}) == "abc"
     assert active_revision({}) is None and active_revision(None) is None
     assert active_revision({"querygate": {"manifest": {}}}) is None
+    assert active_revision({"querygate": {"manifest": "odd"}}) is None
+    # A bundle without a revision could change unseen: no revision at all, no caching.
+    assert active_revision({"a": {"manifest": {"revision": "1"}}, "b": {"manifest": {}}}) is None
+    assert active_revision({"a": {"manifest": {"revision": "1"}}, "b": {}}) is None
     two = {"b": {"manifest": {"revision": "2"}}, "a": {"manifest": {"revision": "1"}}}
     assert active_revision(two) == "a=1,b=2"
 
@@ -204,3 +209,14 @@ async def test_callers_share_probes_and_each_sees_a_probe_sent_after_it_arrived(
     assert len(transport.sent) == 2
     assert transport.sent[1] >= max(arrivals)
     await client.close()
+
+
+async def test_after_a_stale_probe_the_answer_is_opas_not_another_cache_entry():
+    opa = ScriptedOpa()
+    cache = _cache(opa)
+    await _warm(cache)
+    asked = len(opa.asked)
+    opa.active = "r2"
+    fresh = await cache.decide(_input(), 1)
+    assert not fresh.cached and fresh.bundle_revision == "r2"
+    assert len(opa.asked) == asked + 1

@@ -29,3 +29,12 @@ def test_a_forked_child_draws_other_ids():
     os.waitpid(pid, 0)
     os.close(read)
     assert child != mine and uuid.UUID(child).version == 4
+
+
+def test_ids_leave_the_shared_random_generator_alone():
+    import random
+
+    state = random.getstate()
+    for _ in range(100):
+        new_id()
+    assert random.getstate() == state
