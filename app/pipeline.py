@@ -390,12 +390,20 @@ async def _query(
     budget = meta.budget
     ev = await evaluate(gateway, audit, identity, statement, meta, speculate)
     facts, decision = ev.facts, ev.decision
-    enforce(decision, facts)
     assert gateway.executor is not None and gateway.approvals is not None
-    # Where it runs, and every refusal of that step (a profile PostgreSQL cannot prepare,
-    # ONLY for a masked caller, DDL reading masked columns), before an approval is asked
-    # for a statement that could never run, and before the allow is on record.
-    target, enforced = await gateway.target_for(identity, facts, decision, statement.sql)
+    try:
+        enforce(decision, facts)
+        # Where it runs, and every refusal of that step (a profile PostgreSQL cannot
+        # prepare, ONLY for a masked caller, DDL reading masked columns), before an
+        # approval is asked for a statement that could never run, and before the allow is
+        # on record.
+        target, enforced = await gateway.target_for(identity, facts, decision, statement.sql)
+    except GatewayError:
+        # A refusal that follows from a cached decision is answered only once its probe
+        # confirmed it; nothing is on record yet, so a stale one simply starts over.
+        if ev.confirm is not None and not await ev.confirm:
+            raise _Stale from None
+        raise
     if decision.require_approval is not None:
         if ev.approval is not None:
             raise Forbidden(

@@ -188,3 +188,22 @@ def test_a_cached_refusal_is_not_answered_before_its_probe(make_gateway, bundle_
     bundle_opa.edit_config(reader_groups=[*readers["reader_groups"], "marketing"])
     allowed = gateway.query(READ, marketing)
     assert allowed.status_code == 200, allowed.text
+
+
+def test_a_refusal_that_follows_from_a_cached_allow_waits_for_its_probe(make_gateway, bundle_opa,
+                                                                        alice):
+    """enforce() refuses from the decision's masks (masked predicates under "deny"): with a
+    cached decision that refusal, too, is answered only once the probe confirmed it."""
+    config = json.loads((bundle_opa.rego / "querygate" / "config" / "data.json").read_text())
+    bundle_opa.edit_config(masking={**config["masking"], "predicates": "deny"})
+    gateway = make_gateway(opa_url=bundle_opa.url)
+    sql = "SELECT id FROM customers WHERE email = 'nobody@example.com'"
+    for _ in range(3):
+        refused = gateway.query(sql, alice)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "masked_column_predicate"
+    assert _cache(gateway).get("hit", 0) >= 1
+    bundle_opa.edit_config(masking={**config["masking"], "predicates": "compare_masked"})
+    served = gateway.query(sql, alice)
+    assert served.status_code == 200, served.text
+    assert served.json()["notices"][0]["code"] == "masked_predicate"
