@@ -1290,19 +1290,13 @@ class RequestAudit:
             # The 401 stands: an unauthenticated caller is refused either way.
             log.error("auth failure of request %s could not be audited", self.request_id)
 
-    async def decided(
-        self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None
-    ) -> None:
-        """The decision event; for an allowed statement, durable before it runs."""
-        await self.deciding(outcome, gate=gate, by=by, code=code)
-
-    def deciding(
+    def decided(
         self, outcome: Outcome, *, gate: bool, by: str = "policy", code: str | None = None,
         wake: bool = True,
     ) -> Durable:
         """The decision event, sealed into the chain now (503 ``audit_unavailable`` at once
-        if the spool cannot take it); the awaitable returned is its durability (``wake``:
-        ``AuditLog.append``)."""
+        if the spool cannot take it); await the result for it to be durable (``wake``:
+        ``AuditLog.append``). An allowed write awaits it before it runs."""
         decision = self.decision
         body: dict[str, Any] = {"outcome": outcome, "by": by, "code": code,
                                 "explain": self.explain}
@@ -1354,23 +1348,7 @@ class RequestAudit:
             durations_us=durations,
         )
 
-    async def executed(
-        self,
-        *,
-        outcome: Literal["ok", "error"],
-        code: str | None = None,
-        rows_returned: int | None = None,
-        rows_affected: int | None = None,
-        truncated: bool | None = None,
-        streamed: bool = False,
-        masked: Mapping[str, str] | None = None,
-    ) -> None:
-        """What running the statement did: counts, flags, durations; never a value."""
-        await self.executing(outcome=outcome, code=code, rows_returned=rows_returned,
-                             rows_affected=rows_affected, truncated=truncated,
-                             streamed=streamed, masked=masked)
-
-    def executing(
+    def executed(
         self,
         *,
         outcome: Literal["ok", "error"],
@@ -1381,7 +1359,8 @@ class RequestAudit:
         streamed: bool = False,
         masked: Mapping[str, str] | None = None,
     ) -> Durable:
-        """``executed``, sealed now; the awaitable returned is its durability."""
+        """What running the statement did: counts, flags, durations; never a value. Sealed
+        now; await the result for it to be durable."""
         return self.log.append(
             self._execution(outcome, code, rows_returned, rows_affected, truncated, streamed,
                             masked),

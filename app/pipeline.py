@@ -342,7 +342,7 @@ async def _confirmed(ev: Evaluation, audit: RequestAudit, decision_durable: Awai
     if confirmed:
         return
     try:
-        stale = audit.executing(outcome="error", code="decision_stale", rows_returned=0)
+        stale = audit.executed(outcome="error", code="decision_stale", rows_returned=0)
     except GatewayError:
         await decision_durable
         raise
@@ -429,7 +429,7 @@ async def _query(
     read = _is_read(facts, statement, meta)
     # A read's decision is not synced on its own: it goes with the outcome's (one fsync
     # for both), or with whatever another request appends first.
-    sealed = audit.deciding("allow", gate=True, wake=not read)
+    sealed = audit.decided("allow", gate=True, wake=not read)
     decision_durable: Awaitable[None] | None = sealed
     if not read:
         await sealed
@@ -485,7 +485,7 @@ async def _query(
         # fails the request, and no row is returned.
         outcome: Awaitable[None] | None = None
         try:
-            outcome = audit.executing(
+            outcome = audit.executed(
                 outcome="ok", rows_returned=len(result.rows),
                 rows_affected=result.rows_affected, truncated=result.truncated,
                 masked=result.masked,
