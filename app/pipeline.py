@@ -115,8 +115,9 @@ class Evaluation:
     facts: QueryFacts
     decision: Decision
     approval: Approval | None
-    # A cached decision taken for a read before its revision probe returned: the probe
-    # (``DecisionCache.speculate``), which must say True before the read is answered.
+    # A cached allow taken before its revision probe returned: the probe
+    # (``DecisionCache.speculate``), which must say True before a write runs or a read is
+    # answered.
     confirm: asyncio.Future[bool] | None = None
 
 
@@ -234,8 +235,9 @@ async def evaluate(
 ) -> Evaluation:
     """Facts and decision — nothing executed; what is learnt is kept in ``audit``.
 
-    With ``speculate``, a read may get a cached decision before its revision probe has
-    returned (``Evaluation.confirm``); everything else waits for the probe.
+    With ``speculate``, an allow may come from the cache before its revision probe has
+    returned (``Evaluation.confirm``), for the caller to wait for before anything takes
+    effect; a cached refusal or approval request waits for the probe here.
     """
     audit.sql = statement.sql
     catalog = gateway.catalog
@@ -266,7 +268,7 @@ async def evaluate(
                 source_ip=meta.source_ip, approval=approval,
             )
             # An approval has a state of its own (claimed, expiring): never from the cache.
-            if speculate and _is_read(facts, statement, meta):
+            if speculate:
                 decision, confirm = await gateway.decisions.speculate(
                     input_, catalog.version, cacheable=approval is None)
                 if confirm is not None and (
@@ -367,9 +369,10 @@ async def query(
 
     Call it inside ``guard``: a refusal raised here is audited there.
 
-    A read with a cached decision runs while the probe that confirms the decision's bundle
-    revision is out (``DecisionCache.speculate``), and is answered only once it said yes.
-    When a new bundle became active meanwhile, the read is not answered: its outcome is
+    A read with a cached allow runs while the probe that confirms the decision's bundle
+    revision is out (``DecisionCache.speculate``), and is answered only once it said yes;
+    anything else waits for the probe before it runs, while its decision is written. When a
+    new bundle became active meanwhile, the request is not answered: its outcome is
     recorded as ``decision_stale``, and the request is decided again by the new policy and
     run again, as if it had just arrived.
     """
@@ -432,6 +435,10 @@ async def _query(
     sealed = audit.decided("allow", gate=True, wake=not read)
     decision_durable: Awaitable[None] | None = sealed
     if not read:
+        # Nothing runs before both: the probe confirming a cached allow and the fsync of
+        # the decision, which go on at the same time. A stale allow is on record with
+        # its outcome (decision_stale), and the request starts over.
+        await _confirmed(ev, audit, sealed)
         await sealed
         decision_durable = None
     if ev.approval is not None:

@@ -575,6 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the masked point SELECT (same database, same machine, same run)")
     parser.add_argument("--baseline-rounds", type=int, default=3,
                         help="alternating runs of each gateway per concurrency level")
+    parser.add_argument("--workloads", default=None, metavar="NAMES",
+                        help="only these workloads (comma-separated, e.g. write): a quick "
+                        "look at one lever, printed as the rows alone (no stream, no targets)")
     parser.add_argument("--compare-only", action="store_true",
                         help="with --baseline: only the interleaved comparison, no main table")
     args = parser.parse_args(argv)
@@ -607,7 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pin(server.pid, placement[1])
 
         rows: list[Row] = []
+        chosen = None if args.workloads is None else set(args.workloads.split(","))
         for w in [] if args.compare_only else workloads(customers, orders):
+            if chosen is not None and w.name not in chosen:
+                continue
             expected = asyncio.run(_direct_rows(pg.owner_dsn, w))
             check(passthrough.url, w, "", expected, masked=False)
             check(querygate.url, w, tokens[w.user], expected, masked=True)
@@ -649,6 +655,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            tokens["alice"]))
         if args.compare_only:
             print(comparison_table(args, comparisons))
+            return 0
+        if chosen is not None:
+            for r in rows:
+                extra = "" if r.ratio is None else (
+                    f"  {r.ratio:.0%} of the passthrough, +p50 {ms(r.added_p50_us)} ms")
+                print(f"{r.workload:9} @{r.clients:<3} {r.target:12} {r.throughput:9,.0f} req/s "
+                      f"p50 {ms(r.p50_us)} ms{extra}")
             return 0
 
         print("... NDJSON stream", file=sys.stderr, flush=True)

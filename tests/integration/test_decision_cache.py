@@ -113,7 +113,7 @@ def test_a_new_bundle_revision_is_in_force_for_the_very_next_request(
 
 def _trail(spool: Path, answer: httpx.Response, count: int) -> list[dict[str, Any]]:
     for _ in range(200):
-        events = audited(spool, answer.headers["x-request-id"])
+        events = audited(spool, answer.headers["x-request-id"], timeout_s=0)
         if len(events) >= count:
             return events
         time.sleep(0.05)
@@ -144,6 +144,29 @@ def test_a_read_in_flight_when_a_bundle_changes_is_answered_by_the_new_policy(
                               ("execution", None, None, None)]
     assert events[2]["decision"]["bundle_revision"] == revision
     assert answer.json()["decision"]["id"] == events[2]["decision"]["id"]
+
+
+def test_a_write_on_a_cached_allow_runs_only_once_its_probe_confirmed_it(
+    make_gateway, bundle_opa, dana, db, tmp_path
+):
+    """A write's decision is written while its probe is out, and nothing runs before both:
+    with a new bundle that no longer lets dba write, the cached allow is on record, stale,
+    and the write is refused by the new policy without having run."""
+    gateway = make_gateway(opa_url=bundle_opa.url, audit_spool_dir=str(tmp_path / "spool"))
+    status = db.fetchval("SELECT status FROM orders WHERE id = 22")
+    for _ in range(3):
+        assert gateway.query(WRITE, dana, [status]).status_code == 200
+    assert _cache(gateway).get("hit", 0) >= 1
+    bundle_opa.edit_config(writer_groups=[])
+    denied = gateway.query(WRITE, dana, ["stale-write"])
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["error"]["code"] == "policy_denied"
+    assert db.fetchval("SELECT status FROM orders WHERE id = 22") == status
+    events = _trail(tmp_path / "spool", denied, 3)
+    assert _kinds(events) == [("decision", True, "allow", None),
+                              ("execution", None, None, "decision_stale"),
+                              ("decision", False, "deny", None)]
+    assert events[1]["execution"]["rows_affected"] in (None, 0)
 
 
 def test_opa_stopped_with_decisions_cached_fails_closed_at_once(make_gateway, bundle_opa, dana,
