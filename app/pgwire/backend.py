@@ -754,14 +754,17 @@ Reset = Callable[[BackendConnection], Awaitable[None]]
 
 
 async def reset_session(conn: BackendConnection) -> None:
-    """The pool's default reset: end a transaction left open, RESET ALL, CLOSE ALL, one round trip.
+    """The pool's default reset, one round trip: end a transaction left open, then what
+    asyncpg's own reset does (advisory locks, cursors, LISTEN, settings).
 
     Prepared statements stay (no DISCARD ALL): the front end caches its named statements per
     backend connection and keeps track of them itself. RESET ALL brings every setting back
-    to its value at connection, the startup packet's server_settings included.
+    to its value at connection, the startup packet's server_settings included. The gateway
+    refuses advisory locks and LISTEN whatever policy says; releasing them here all the same
+    means a session never hands one to the next caller of its backend.
     """
-    sql = "RESET ALL; CLOSE ALL" if conn.status == b"I" else "ROLLBACK; RESET ALL; CLOSE ALL"
-    await conn.simple(sql)
+    sql = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL"
+    await conn.simple(sql if conn.status == b"I" else "ROLLBACK; " + sql)
 
 
 class BackendPool:

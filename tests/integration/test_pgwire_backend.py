@@ -694,6 +694,12 @@ async def test_a_waiter_gets_the_place_of_a_dropped_connection(app_params: Backe
         await pool.close()
 
 
+async def _one(conn: BackendConnection, sql: str) -> bytes | None:
+    """The first column of the first row of ``sql``, as the server's text."""
+    received = await conn.simple(sql)
+    return next(m.parse_data_row(payload)[0] for kind, payload in received if kind == ord("D"))
+
+
 async def test_pool_reset_keeps_prepared_statements(app_params: BackendParams) -> None:
     pool = BackendPool(app_params, max_size=1)
     try:
@@ -703,6 +709,7 @@ async def test_pool_reset_keeps_prepared_statements(app_params: BackendParams) -
             await conn.flush()
             await until_ready(conn)
             await conn.simple("SET search_path = pg_catalog; DECLARE c CURSOR WITH HOLD FOR SELECT 1")
+            await conn.simple("SELECT pg_advisory_lock(4242); LISTEN querygate_test")
             await conn.simple("BEGIN")
         async with pool.acquire(1) as conn:
             assert conn.pid == pid and conn.status == b"I"
@@ -714,6 +721,10 @@ async def test_pool_reset_keeps_prepared_statements(app_params: BackendParams) -
             with pytest.raises(BackendError) as info:
                 await conn.simple("FETCH c")  # CLOSE ALL closed it
             assert info.value.sqlstate == "34000"
+            # The advisory lock and the LISTEN went with the reset.
+            assert await _one(conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND pid = pg_backend_pid()") == b"0"
+            assert await _one(conn, "SELECT count(*) FROM pg_listening_channels()") == b"0"
     finally:
         await pool.close()
 
