@@ -11,6 +11,7 @@ the stack the same way.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,11 +471,21 @@ class KafkaBroker:
         asyncio.run(create())
 
 
+def kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes one: 16 bytes, URL-safe base64, unpadded.
+
+    Never starting with "-": the storage tool would read it as an option and refuse to
+    format (one id in 32 does, and it failed a `make test`); Kafka's own Uuid.randomUuid()
+    draws again for the same reason.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def start_kafka(data_dir: Path) -> KafkaBroker:
     """Format a fresh KRaft log in ``data_dir`` and start a broker on free loopback ports."""
-    import base64
-    import uuid
-
     libs = find_kafka()
     java = shutil.which("java")
     if java is None:
@@ -500,7 +512,7 @@ def start_kafka(data_dir: Path) -> KafkaBroker:
         "auto.create.topics.enable=false\n"
     )
     (data_dir / "log4j2.properties").write_text(_KAFKA_LOG4J)
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    cluster_id = kafka_cluster_id()
     formatted = subprocess.run(  # noqa: S603
         [java, "-Xmx256m", f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}",
          "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", "-t", cluster_id,
