@@ -475,7 +475,7 @@ def kafka_cluster_id() -> str:
     """A random cluster id as Kafka writes one: 16 bytes, URL-safe base64, unpadded.
 
     Never starting with "-": the storage tool would read it as an option and refuse to
-    format (one id in 32 does, and it failed a `make test`); Kafka's own Uuid.randomUuid()
+    format (one id in 64 does, and it failed a `make test`); Kafka's own Uuid.randomUuid()
     draws again for the same reason.
     """
     while True:
