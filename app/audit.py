@@ -1368,7 +1368,7 @@ class RequestAudit:
         )
 
     def restart(self) -> None:
-        """The request starts over (a read whose cached decision went stale): what was
+        """The request starts over (its cached decision went stale): what was
         decided and run is on record; what follows is recorded afresh."""
         self.facts = None
         self.decision = None
