@@ -162,7 +162,9 @@ class Target:
     profile's views); ``db_role`` is SET LOCAL on the login pool only (a profile's role
     already has its privileges); ``masked`` names the source columns whose values the
     database masks, whose output types therefore differ from the catalog's; ``prelude``
-    runs first inside the transaction (dropping the profile views a DDL would trip over).
+    runs first inside the transaction (dropping the profile views a DDL would trip over);
+    ``profile`` is the masking profile's LOGIN role (None on the login pool), which the
+    wire protocol's own connections log in as (``Profiles.session``).
     """
 
     pool: asyncpg.Pool
@@ -170,6 +172,7 @@ class Target:
     db_role: str | None = None
     masked: frozenset[str] = frozenset()
     prelude: Prelude | None = None
+    profile: str | None = None
 
 
 async def _prepare(conn: asyncpg.Connection, sql: str) -> Any:

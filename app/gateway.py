@@ -258,7 +258,7 @@ class Gateway:
             profile = await self.profiles.get(spec, catalog)
         text = grammar.rewrite_schemas(sql, profile.schema_map) if profile.schema_map else sql
         enforced = dataclasses.replace(decision, masks=masks)
-        return Target(profile.pool, text, None, frozenset(masks)), enforced
+        return Target(profile.pool, text, None, frozenset(masks), profile=spec.role), enforced
 
     @staticmethod
     def _check_only(spec: ProfileSpec, sql: str, decision: Decision) -> None:

@@ -127,6 +127,14 @@ def read(sql: str, max_bytes: int | None = None) -> PgReading:
     return PgReading(tuple(_statement(s) for s in tree.get("stmts", ())), tokens)
 
 
+def statement_tree(sql: str) -> dict[str, Any]:
+    """The node of the first statement of ``sql`` in PostgreSQL's parse tree (libpg_query's
+    JSON: C field names, ``{"A_Const": {"sval": {"sval": …}}}`` for constants)."""
+    _, _, tree = _parse(sql, None)
+    ((_, body),) = tree["stmts"][0]["stmt"].items()
+    return body  # type: ignore[no-any-return]
+
+
 def single_statement(reading: PgReading) -> PgStatement:
     """The one statement of ``reading``, if it is of a kind the gateway models."""
     if not reading.statements:

@@ -144,6 +144,25 @@ def check_predicates(facts: QueryFacts, decision: Decision) -> None:
         )
 
 
+def masked_here(facts: QueryFacts, decision: Decision, enforced: frozenset[str]) -> frozenset[int]:
+    """The outputs ``plan`` masks in the gateway (those the database cannot: computed from
+    a masked column, or masked by a strategy of the decision's own), by position; known
+    before the server described the statement (the wire protocol asks for them in text)."""
+    if not decision.masks:
+        return frozenset()
+    here = set()
+    for index, output in enumerate(facts.outputs):
+        strategies = {decision.masks[s] for s in output.sources if s in decision.masks}
+        if not strategies:
+            continue
+        if output.derivation == "direct" and len(strategies) == 1 and {
+            src for src in output.sources if src in decision.masks
+        } <= enforced:
+            continue
+        here.add(index)
+    return frozenset(here)
+
+
 def plan(
     facts: QueryFacts,
     decision: Decision,

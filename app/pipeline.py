@@ -41,7 +41,7 @@ from app.errors import (
     Unavailable,
     Unprocessable,
 )
-from app.executor import StreamHead
+from app.executor import StreamHead, Target
 from app.facts import QueryFacts
 from app.gateway import Gateway
 from app.identity import Identity
@@ -265,7 +265,7 @@ async def evaluate(
             input_ = policy.decision_input(
                 identity, facts, catalog, environment=settings.environment,
                 database=settings.database_name, request_id=meta.request_id,
-                source_ip=meta.source_ip, approval=approval,
+                source_ip=meta.source_ip, approval=approval, channel=meta.channel,
             )
             # An approval has a state of its own (claimed, expiring): never from the cache.
             if speculate:
@@ -379,16 +379,91 @@ async def query(
     try:
         return await _query(gateway, audit, identity, statement, meta, speculate=True)
     except _Stale:
-        audit.restart()
-        meta.budget.release()
-        meta.budget.slot = None
+        _restart(audit, meta)
         return await _query(gateway, audit, identity, statement, meta, speculate=False)
 
 
-async def _query(
+@dataclass(frozen=True, slots=True)
+class Authorized:
+    """A statement policy allowed, its allow on record, ready to run on ``target``: what a
+    front end that runs statements itself (the wire protocol) gets from ``authorize``.
+
+    ``decision`` is the enforced one (the masks of the caller's profile included);
+    ``rules`` mask what the database does not (outputs derived from masked columns);
+    ``max_rows`` is the policy's cap (None: none), ``max_rows_affected`` its blast radius.
+    """
+
+    facts: QueryFacts
+    decision: Decision
+    target: Target
+    rules: masking.Rules
+    max_rows: int | None
+    max_rows_affected: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    ev: Evaluation
+    target: Target
+    enforced: Decision
+    rules: masking.Rules
+    # A read's decision, still being written while it runs; None once durable.
+    decision_durable: Awaitable[None] | None
+
+
+async def authorize(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+) -> Authorized | Held:
+    """Decide the statement; if allowed, say where to run it, its allow durable first.
+
+    The steps and the order of ``query`` up to execution (refusals, approvals, the caller's
+    slot, a claimed approval), for a front end that runs the statement itself. Nothing may
+    run before the decision is durable and, on a cached allow, confirmed: a stale one is on
+    record (``decision_stale``) and decided again here. Call it inside ``guard`` (an error
+    raised there is audited there) and report the end with ``finished``.
+    """
+    try:
+        ready = await _authorize(gateway, audit, identity, statement, meta, True, overlap=False)
+    except _Stale:
+        _restart(audit, meta)
+        ready = await _authorize(gateway, audit, identity, statement, meta, False, overlap=False)
+    if isinstance(ready, Held):
+        return ready
+    decision = ready.ev.decision
+    return Authorized(ready.ev.facts, ready.enforced, ready.target, ready.rules,
+                      decision.max_rows, decision.max_rows_affected)
+
+
+async def finished(
+    gateway: Gateway, audit: RequestAudit, facts: QueryFacts, *, rows_returned: int,
+    rows_affected: int | None, truncated: bool, masked: dict[str, str],
+) -> None:
+    """The outcome of a statement that ``authorize`` let run and that ran to its end."""
+    if facts.kind == "ddl":
+        # The profiles' views of the changed tables may have been dropped for the DDL:
+        # every recorded profile's come back from the new catalog now, for the other
+        # replicas too, which would otherwise wait for their next refresh.
+        catalog = await gateway.refresh_catalog()
+        assert gateway.profiles is not None
+        await gateway.profiles.resync_recorded(catalog)
+    try:
+        await audit.executed(outcome="ok", rows_returned=rows_returned,
+                             rows_affected=rows_affected, truncated=truncated, masked=masked)
+    except GatewayError:
+        # The statement ran (its allow decision is on record): answer it all the same.
+        log.error("the outcome of request %s could not be audited", audit.request_id)
+
+
+def _restart(audit: RequestAudit, meta: Meta) -> None:
+    audit.restart()
+    meta.budget.release()
+    meta.budget.slot = None
+
+
+async def _authorize(
     gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
-    speculate: bool,
-) -> Rows | Streamed | Held:
+    speculate: bool, *, overlap: bool,
+) -> _Ready | Held:
     settings = gateway.settings
     budget = meta.budget
     ev = await evaluate(gateway, audit, identity, statement, meta, speculate)
@@ -429,7 +504,7 @@ async def _query(
     # nothing runs. A write (or anything using an approval) waits until it is durable, too.
     # A read, which changes nothing, runs while it is written, and its answer waits for it:
     # a write that fails then fails the request, and no row is returned (docs/audit.md).
-    read = _is_read(facts, statement, meta)
+    read = overlap and _is_read(facts, statement, meta)
     # A read's decision is not synced on its own: it goes with the outcome's (one fsync
     # for both), or with whatever another request appends first.
     sealed = audit.decided("allow", gate=True, wake=not read)
@@ -452,6 +527,22 @@ async def _query(
         await gateway.approvals.claim(ev.approval, list(statement.params))
         await approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
     rules = masking.Rules(enforced, gateway.mask_key, settings.mask_redact_token, target.masked)
+    return _Ready(ev, target, enforced, rules, decision_durable)
+
+
+async def _query(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
+    speculate: bool,
+) -> Rows | Streamed | Held:
+    ready = await _authorize(gateway, audit, identity, statement, meta, speculate, overlap=True)
+    if isinstance(ready, Held):
+        return ready
+    settings = gateway.settings
+    budget = meta.budget
+    ev, target, enforced, rules = ready.ev, ready.target, ready.enforced, ready.rules
+    facts, decision = ev.facts, ev.decision
+    decision_durable = ready.decision_durable
+    assert gateway.executor is not None
     started = time.perf_counter()
     if meta.stream:
         # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
@@ -509,21 +600,9 @@ async def _query(
                     log.error("the outcome of request %s could not be audited",
                               meta.request_id)
         return Rows(enforced, result, notices(facts, enforced))
-    if facts.kind == "ddl":
-        # The profiles' views of the changed tables may have been dropped for the DDL:
-        # every recorded profile's come back from the new catalog now, for the other
-        # replicas too, which would otherwise wait for their next refresh.
-        catalog = await gateway.refresh_catalog()
-        assert gateway.profiles is not None
-        await gateway.profiles.resync_recorded(catalog)
-    try:
-        await audit.executed(
-            outcome="ok", rows_returned=len(result.rows), rows_affected=result.rows_affected,
-            truncated=result.truncated, masked=result.masked,
-        )
-    except GatewayError:
-        # The statement ran (its allow decision is on record): answer it all the same.
-        log.error("the outcome of request %s could not be audited", meta.request_id)
+    await finished(gateway, audit, facts, rows_returned=len(result.rows),
+                   rows_affected=result.rows_affected, truncated=result.truncated,
+                   masked=result.masked)
     return Rows(enforced, result, notices(facts, enforced))
 
 
@@ -647,7 +726,7 @@ async def caller_catalog(
                     decision = await gateway.decisions.decide(policy.decision_input(
                         identity, facts, catalog, environment=settings.environment,
                         database=settings.database_name, request_id=meta.request_id,
-                        source_ip=meta.source_ip,
+                        source_ip=meta.source_ip, channel=meta.channel,
                     ), catalog.version)
             except Unavailable:
                 gateway.metrics.opa_errors.inc()

@@ -101,6 +101,7 @@ def decision_input(
     source_ip: str | None,
     approval: Approval | None = None,
     now: dt.datetime | None = None,
+    channel: str = "http",
 ) -> dict[str, Any]:
     """The OPA input document (docs/decision-contract.md), from plain values only."""
     moment = now or dt.datetime.now(dt.UTC)
@@ -110,6 +111,7 @@ def decision_input(
         "request": {
             "id": request_id,
             "source_ip": source_ip,
+            "channel": channel,
             "time": moment.isoformat(timespec="milliseconds"),
         },
         "database": {"name": database},

@@ -293,6 +293,15 @@ class Profiles:
         return hmac.new(self._secret, b"querygate-profile-password:" + role.encode(),
                         hashlib.sha256).hexdigest()
 
+    def session(self, role: str) -> tuple[str, dict[str, str]] | None:
+        """The password and session settings a connection as profile ``role`` is opened
+        with (the wire protocol's own pools, app/pgwire/session.py), as this store's pool
+        for it has them; None for a profile this store has not opened."""
+        for profile in self._profiles.values():
+            if profile.spec.role == role:
+                return self.password(role), {**self._settings, "search_path": profile.search_path}
+        return None
+
     def _salt(self, role: str) -> bytes:
         return hmac.new(self._secret, b"querygate-profile-salt:" + role.encode(),
                         hashlib.sha256).digest()[:16]
