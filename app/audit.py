@@ -1264,10 +1264,17 @@ class RequestAudit:
     # metrics read it, this class writes nothing but audit events.
     label: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    # http, pgwire or mcp (pipeline.Channel); pgwire's method is the protocol ("simple" or
+    # "extended") and its path the session's id.
+    channel: str = "http"
+    application_name: str | None = None  # pgwire: the client's, as it set it
 
     def _request(self) -> dict[str, Any]:
-        return {"id": self.request_id, "source_ip": self.source_ip, "method": self.method,
-                "path": self.path}
+        request = {"id": self.request_id, "source_ip": self.source_ip, "method": self.method,
+                   "path": self.path, "channel": self.channel}
+        if self.channel == "pgwire":
+            request["application_name"] = self.application_name
+        return request
 
     def _event(self, type_: str, **fields: Any) -> dict[str, Any]:
         return self.log.event(type_, request=self._request(),
@@ -1416,6 +1423,11 @@ class RequestAudit:
             "expires_at": approval.expires_at.isoformat(),
             "comment": comment,
         }, query=query_json(approval.sql, None)), gate=gate)
+
+    async def session(self, step: str, **detail: Any) -> None:
+        """A wire-protocol session's start or end (its id is the request's path)."""
+        await self.log.record(self._event("session", session={"step": step, **detail}),
+                              gate=False)
 
     async def admin(self, action: str, outcome: str, detail: Mapping[str, Any] | None = None,
                     code: str | None = None) -> None:

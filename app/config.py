@@ -152,6 +152,19 @@ class Settings(BaseSettings):
     max_concurrent_per_identity: int = Field(4, ge=0, le=10_000)
     rate_limit_per_s: float = Field(50.0, ge=0, le=1_000_000)
     rate_limit_burst: int = Field(100, ge=1, le=1_000_000)
+    # The PostgreSQL wire protocol (docs/pgwire.md): off unless a port is set (0: any free
+    # port). TLS for SSLRequest from a certificate and key; outside dev mode a password (the
+    # token) is taken only over TLS.
+    pg_host: str = "127.0.0.1"
+    pg_port: int | None = Field(None, ge=0, le=65_535)
+    pg_tls_cert_file: Path | None = None
+    pg_tls_key_file: Path | None = None
+    pg_max_connections: int = Field(200, ge=1, le=100_000)
+    pg_max_connections_per_identity: int = Field(20, ge=1, le=100_000)
+    pg_startup_timeout_ms: int = Field(10_000, ge=100, le=600_000)
+    # A session that holds a database connection (in a transaction) and sends nothing for
+    # this long is ended, so it cannot keep a pooled connection from everyone else.
+    pg_idle_in_transaction_timeout_s: float = Field(60.0, ge=0.1, le=86_400.0)
     # /healthz fails when the event loop was blocked longer than this (app/liveness.py).
     liveness_max_loop_lag_ms: int = Field(2000, ge=100, le=600_000)
     # How long `querygate serve` lets in-flight requests finish on SIGTERM before cancelling.
@@ -167,6 +180,14 @@ class Settings(BaseSettings):
     def stream_timeout_s(self) -> float:
         """The end-to-end deadline of an NDJSON stream (never shorter than a request's)."""
         return max(self.stream_timeout_ms / 1000, self.request_timeout_s)
+
+    @model_validator(mode="after")
+    def _pg_tls_pair(self) -> Settings:
+        if (self.pg_tls_cert_file is None) != (self.pg_tls_key_file is None):
+            raise ValueError(
+                f"{_env('pg_tls_cert_file')} and {_env('pg_tls_key_file')} go together"
+            )
+        return self
 
     @model_validator(mode="after")
     def _deadlines_consistent(self) -> Settings:

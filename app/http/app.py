@@ -23,6 +23,7 @@ from app.identity import Authenticator
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
 from app.metrics import Metrics
+from app.pgwire.server import PgServer
 from app.policy import DecisionCache, PolicyClient
 
 log = logging.getLogger("querygate.http")
@@ -84,9 +85,17 @@ def create_app(settings: Settings) -> Front:
         gateway.tasks.append(asyncio.create_task(gateway.maintain()))
         gateway.tasks.append(asyncio.create_task(gateway.heartbeat.run()))
         app.state.gateway = gateway
+        wire = None
+        if settings.pg_port is not None:
+            # The wire protocol's listener: the same gateway, the same pipeline.
+            wire = PgServer(gateway, settings)
+            await wire.start()
+        app.state.pgwire = wire
         try:
             yield
         finally:
+            if wire is not None:
+                await wire.close()
             await gateway.close()
 
     # /docs in dev only; in prod the OpenAPI document needs a token (app/http/openapi.py).
