@@ -103,6 +103,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # The audit trail of make run: spooled and shipped to <data dir>/audit/audit.jsonl
     # (`querygate audit verify .querygate/audit/audit.jsonl` checks it). No Kafka needed.
     os.environ.setdefault("QUERYGATE_AUDIT_SPOOL_DIR", str(data_dir / "audit"))
+    # The PostgreSQL wire protocol (docs/pgwire.md) beside HTTP; cleartext on loopback in
+    # dev mode only.
+    os.environ.setdefault("QUERYGATE_PG_PORT", "5433")
     # A stable hash-masking key for the demo, so hashes survive a restart of make run.
     mask_key_file = data_dir / "dev" / "mask-key"
     if not mask_key_file.exists():
@@ -148,7 +151,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  curl -s {base}/v1/query -H \"Authorization: Bearer $TOKEN\" "
             "-H 'content-type: application/json' "
             "-d '{\"sql\": \"SELECT id, country FROM customers WHERE id < $1\", \"params\": [5]}'\n"
-            "Then try (docs/approvals.md, docs/masking.md):\n"
+            + (f"  psql \"host={settings.pg_host} port={settings.pg_port} dbname="
+               f"{settings.database_name} user=alice password=$TOKEN sslmode=disable\"\n"
+               if settings.pg_port is not None else "")
+            + "Then try (docs/approvals.md, docs/masking.md):\n"
             "  as alice: SELECT email, ssn, card_number FROM customers LIMIT 3   -> masked\n"
             "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> compares masked values\n"
             "  as alice: DROP TABLE orders                                       -> destructive_ddl\n"

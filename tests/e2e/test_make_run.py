@@ -41,6 +41,7 @@ def test_make_run_from_a_fresh_clone(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYGATE_")}
     env.pop("VIRTUAL_ENV", None)
     env["QUERYGATE_PORT"] = str(port)
+    env["QUERYGATE_PG_PORT"] = str(free_port())
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -76,6 +77,21 @@ def test_make_run_from_a_fresh_clone(tmp_path):
         assert denied.status_code == 403
         output = log_path.read_text()
         assert "curl" in output and "Ctrl-C" in output
+        # The banner's psql line, pasted as printed (issue 17 acceptance 1).
+        line = next(x.strip() for x in output.splitlines() if x.strip().startswith("psql "))
+        conninfo = line.removeprefix("psql ").strip('"').replace("$TOKEN", tokens["alice"])
+        assert f"port={env['QUERYGATE_PG_PORT']}" in conninfo and "dbname=appdb" in conninfo
+        psql = ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
+                conninfo, "-c"]
+        read = "SELECT id, email, ssn, card_number FROM customers ORDER BY id LIMIT 3"
+        masked = subprocess.run([*psql, read], capture_output=True, text=True, timeout=30)
+        assert masked.returncode == 0, masked.stderr
+        rows = [r.split("|") for r in masked.stdout.strip().splitlines()]
+        assert len(rows) == 3 and all("*" in r[2] and "*" in r[3] for r in rows), rows
+        dropped = subprocess.run([*psql, "DROP TABLE orders"], capture_output=True, text=True,
+                                 timeout=30)
+        assert dropped.returncode != 0 and "42501" in dropped.stderr, dropped.stderr
+        assert "policy_denied" in dropped.stderr
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
