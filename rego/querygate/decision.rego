@@ -174,6 +174,10 @@ allowed_function(f) if f in cfg.functions.builtin
 
 allowed_function(f) if f in cfg.functions.extra
 
+# What drivers and tools ask on connect (SQLAlchemy's version() and current_schema(), JDBC's
+# current_database(), psql's pg_backend_pid()): facts about the session, never about data.
+allowed_function(f) if f in cfg.functions.session
+
 # ---------------------------------------------------------------- permit
 
 permit contains {"rule": "reader_group_select", "message": "reader groups may run read-only selects"} if {

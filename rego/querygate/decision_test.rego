@@ -351,6 +351,19 @@ test_extra_functions_extend_the_list if {
 	d.allow
 }
 
+test_session_functions_that_drivers_call_on_connect_are_allowed if {
+	every f in ["version", "current_schema", "current_database", "current_user", "pg_backend_pid"] {
+		d := querygate.decision with input as select_with_functions([f])
+		d.allow
+	}
+}
+
+test_session_functions_are_their_own_list if {
+	d := querygate.decision with input as select_with_functions(["version"])
+		with querygate.config as object.union(querygate.config, {"functions": {"session": []}})
+	not d.allow
+}
+
 test_without_function_config_every_function_is_denied if {
 	d := querygate.decision with input as select_with_functions(["lower"])
 		with querygate.config as object.remove(querygate.config, ["functions"])

@@ -7,11 +7,9 @@ a service would: the user name is the token's subject, the password is the token
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,13 +32,6 @@ def dsn(pg: Any, token: str, user: str, **extra: str) -> str:
     parts = {"host": "127.0.0.1", "port": str(pg.settings.pg_port), "dbname": "appdb",
              "user": user, "password": token, "sslmode": "disable", **extra}
     return " ".join(f"{k}='{v}'" for k, v in parts.items())
-
-
-def events(pg: Any) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(Path(pg.settings.audit_spool_dir).glob("*.jsonl")):
-        out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return out
 
 
 def test_psql_reads_masked_rows(pg, keys):
@@ -98,3 +89,18 @@ def test_a_wrong_user_or_token_is_refused(pg, keys):
     with pytest.raises(psycopg.OperationalError) as caught:
         psycopg.connect(dsn(pg, "not-a-token", "alice"))
     assert "password authentication failed" in str(caught.value)
+
+
+CONNECT_TIME = ["SELECT version()", "SELECT current_schema()", "SELECT current_database()",
+                "SELECT current_user", "SELECT pg_backend_pid()"]
+
+
+@pytest.mark.parametrize("sql", CONNECT_TIME)
+def test_what_drivers_ask_on_connect_works_on_the_wire_and_over_http(pg, keys, sql):
+    """Allowed by policy (functions.session in data.json), on both channels."""
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        assert conn.execute(sql).fetchone()[0] is not None
+    response = pg.query(sql, {"authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["row_count"] == 1
