@@ -39,7 +39,7 @@ from sqlglot.optimizer.scope import Scope, traverse_scope
 from sqlglot.schema import MappingSchema
 from sqlglot.tokens import TokenType  # type: ignore[attr-defined]
 
-from app import grammar
+from app import grammar, introspection
 from app.catalog import Catalog, Relation
 from app.errors import BadRequest, Forbidden, GatewayError, Unprocessable
 
@@ -124,6 +124,9 @@ class QueryFacts:
     param_count: int = 0
     ddl: DdlFacts | None = None
     catalog_version: int = 0
+    # Reads only system catalogs (app/introspection.py): its relations and functions come
+    # from PostgreSQL's parse tree; no column of it is the resolver's, none is masked.
+    introspection: bool = False
     _input: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_input(self) -> dict[str, Any]:
@@ -149,6 +152,7 @@ class QueryFacts:
                     "param_count": self.param_count,
                     "ddl": self.ddl.to_input() if self.ddl else None,
                     "catalog_version": self.catalog_version,
+                    "introspection": self.introspection,
                 }
             )
         return self._input
@@ -352,6 +356,10 @@ class FactsExtractor:
         # a kind we model); sqlglot's reading must then agree with it (app/grammar.py).
         reading = grammar.read(sql, max_bytes=self._max_sql_bytes)
         grammar.single_statement(reading)
+        if grammar.mentions_system_schema(sql, reading):
+            facts = _introspection(sql, catalog)
+            if facts is not None:
+                return facts
         if _UNICODE_IDENT.search(sql):
             raise _deny("unicode-escaped identifiers and strings (U&…) are not supported")
         _check_nesting(sql)
@@ -1175,6 +1183,23 @@ def _check_placeholders(tree: exp.Expr) -> int:
 _LITERAL_TOKENS = frozenset({TokenType.NUMBER, TokenType.STRING, TokenType.NATIONAL_STRING,
                              TokenType.HEREDOC_STRING, TokenType.BIT_STRING, TokenType.HEX_STRING,
                              TokenType.BYTE_STRING})
+
+
+def _introspection(sql: str, catalog: Catalog) -> QueryFacts | None:
+    """Facts of a query of system catalogs only (app/introspection.py), else None."""
+    tree = grammar.parse_tree(sql)
+    tables = introspection.relations(tree)
+    if tables is None:
+        return None
+    names = introspection.functions(tree)
+    for name in names:
+        if not introspection.DECOMPILERS.match(name):
+            check_function(name)
+    return QueryFacts(
+        fingerprint=_fingerprint(sql), kind="select", tables_read=tables, functions=names,
+        param_count=introspection.parameters(tree), catalog_version=catalog.version,
+        introspection=True,
+    )
 
 
 def _fingerprint(sql: str) -> str:

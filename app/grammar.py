@@ -127,6 +127,23 @@ def read(sql: str, max_bytes: int | None = None) -> PgReading:
     return PgReading(tuple(_statement(s) for s in tree.get("stmts", ())), tokens)
 
 
+def parse_tree(sql: str) -> dict[str, Any]:
+    """PostgreSQL's parse tree of ``sql`` (libpg_query's JSON), for a text ``read`` accepted."""
+    return _parse(sql, None)[2]
+
+
+def mentions_system_schema(sql: str, reading: PgReading) -> bool:
+    """Whether a name in the text could be a system catalog's (``pg_…``, information_schema):
+    a token test, so most statements are not parsed twice."""
+    raw = sql.encode()
+    for token in reading.tokens:
+        if token.kind == "IDENT":
+            text = raw[token.start:token.end].lower().strip(b'"')
+            if text.startswith(b"pg_") or text == b"information_schema":
+                return True
+    return False
+
+
 def statement_tree(sql: str) -> dict[str, Any]:
     """The node of the first statement of ``sql`` in PostgreSQL's parse tree (libpg_query's
     JSON: C field names, ``{"A_Const": {"sval": {"sval": …}}}`` for constants)."""
@@ -605,7 +622,7 @@ def _schema_qualifiers(sql: str) -> tuple[tuple[int, int, str], ...]:
     raw, tokens, tree = _parse(sql, None)
     by_start = {t.start: t for t in tokens}
     found: dict[int, tuple[int, int, str]] = {}
-    for node in _walk(tree):
+    for node in walk(tree):
         if "relpersistence" in node and "relname" in node:  # a RangeVar
             if "catalogname" in node:
                 raise _unqualifiable("a database-qualified relation name (db.schema.table)")
@@ -691,7 +708,7 @@ def _only_relations(sql: str) -> tuple[str, ...]:
     _, _, tree = _parse(sql, None)
     return tuple(sorted(
         ".".join(p for p in (node.get("schemaname"), node["relname"]) if p)
-        for node in _walk(tree)
+        for node in walk(tree)
         if "relpersistence" in node and "relname" in node and not node.get("inh", False)
     ))
 
@@ -701,7 +718,7 @@ def column_references(sql: str) -> frozenset[str]:
     read: a DDL's ``USING``, ``GENERATED … AS``, ``CHECK`` or index expression, say."""
     _, _, tree = _parse(sql, None)
     names = set()
-    for node in _walk(tree):
+    for node in walk(tree):
         fields = node.get("ColumnRef", {}).get("fields") if "ColumnRef" in node else None
         if fields:
             last = fields[-1].get("String", {}).get("sval")
@@ -716,7 +733,7 @@ def renames(sql: str) -> list[tuple[str, str | None]]:
     value out of its class)."""
     _, _, tree = _parse(sql, None)
     found: list[tuple[str, str | None]] = []
-    for node in _walk(tree):
+    for node in walk(tree):
         stmt = node.get("RenameStmt")
         if isinstance(stmt, dict):
             kind = str(stmt.get("renameType", "")).removeprefix("OBJECT_").lower()
@@ -724,7 +741,7 @@ def renames(sql: str) -> list[tuple[str, str | None]]:
     return found
 
 
-def _walk(tree: Any) -> Iterator[dict[str, Any]]:
+def walk(tree: Any) -> Iterator[dict[str, Any]]:
     """Every JSON object of the tree, without recursion (trees may be deep)."""
     stack = [tree]
     while stack:

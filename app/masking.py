@@ -148,7 +148,7 @@ def masked_here(facts: QueryFacts, decision: Decision, enforced: frozenset[str])
     """The outputs ``plan`` masks in the gateway (those the database cannot: computed from
     a masked column, or masked by a strategy of the decision's own), by position; known
     before the server described the statement (the wire protocol asks for them in text)."""
-    if not decision.masks:
+    if not decision.masks or facts.introspection:
         return frozenset()
     here = set()
     for index, output in enumerate(facts.outputs):
@@ -181,7 +181,9 @@ def plan(
     maskers: list[tuple[int, Masker]] = []
     reported: list[Column] = []
     masked: dict[str, str] = {}
-    if not decision.masks:
+    if not decision.masks or facts.introspection:
+        # A system catalog holds no column policy classifies (the values-bearing ones are
+        # never read: app/introspection.py).
         return MaskPlan((), tuple(columns), {})
     # Columns and outputs have been cross-checked to agree in number and order.
     for index, (column, output) in enumerate(zip(columns, facts.outputs, strict=True)):

@@ -936,6 +936,17 @@ class Session:
             await self._set(tree)
         elif node.kind == "variable_show_stmt":
             await self._show(tree, describe)
+        elif node.kind == "deallocate_stmt":
+            # The session's named statements are its own (each Bind parses anew).
+            if tree.get("isall"):
+                self.statements = {k: v for k, v in self.statements.items() if not k}
+                self.out.append(m.command_complete("DEALLOCATE ALL"))
+            else:
+                name = str(tree.get("name", ""))
+                if self.statements.pop(name, None) is None:
+                    raise WireError("unknown_statement", sqlstate="26000",
+                                    message=f"prepared statement {name!r} does not exist")
+                self.out.append(m.command_complete("DEALLOCATE"))
         elif node.kind == "discard_stmt":
             if self.tx is not None:
                 raise WireError("active_sql_transaction", sqlstate="25001",
@@ -1079,7 +1090,7 @@ class Session:
 # --- helpers ----------------------------------------------------------------------------------
 
 _LOCAL = frozenset({"transaction_stmt", "variable_set_stmt", "variable_show_stmt",
-                    "discard_stmt"})
+                    "discard_stmt", "deallocate_stmt"})
 
 
 def _is_transaction(node: grammar.PgStatement) -> bool:

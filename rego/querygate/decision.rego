@@ -174,6 +174,22 @@ allowed_function(f) if f in cfg.functions.builtin
 
 allowed_function(f) if f in cfg.functions.extra
 
+# Catalog introspection (docs/pgwire.md): a query of system catalogs only, whose relations
+# and functions PostgreSQL's parse tree names (query.introspection). It reads the relations
+# listed under catalog.relations, with the functions under functions.catalog besides the
+# others; the catalogs that hold values or credentials are refused by the gateway first.
+deny contains {"rule": "catalog_relation_not_allowed", "message": msg} if {
+	input.query.introspection
+	some t in input.query.tables.read
+	not t in cfg.catalog.relations
+	msg := sprintf("system catalog %s is not readable through the gateway", [t])
+}
+
+allowed_function(f) if {
+	input.query.introspection
+	f in cfg.functions.catalog
+}
+
 # What drivers and tools ask on connect (SQLAlchemy's version() and current_schema(), JDBC's
 # current_database(), psql's pg_backend_pid()): facts about the session, never about data.
 allowed_function(f) if f in cfg.functions.session

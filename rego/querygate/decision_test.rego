@@ -351,6 +351,39 @@ test_extra_functions_extend_the_list if {
 	d.allow
 }
 
+introspect(tables, fs) := {
+	"identity": {"sub": "alice", "groups": ["analysts"]},
+	"environment": "staging",
+	"query": {
+		"kind": "select", "introspection": true,
+		"tables": {"read": tables, "write": []}, "functions": fs,
+	},
+}
+
+test_a_reader_may_read_the_listed_catalogs_with_catalog_functions if {
+	tables := ["pg_catalog.pg_attribute", "pg_catalog.pg_class"]
+	d := querygate.decision with input as introspect(tables, ["format_type", "pg_get_expr"])
+	d.allow
+}
+
+test_an_unlisted_catalog_is_denied if {
+	d := querygate.decision with input as introspect(["pg_catalog.pg_class", "pg_catalog.pg_foo"], [])
+	not d.allow
+	msg := "system catalog pg_catalog.pg_foo is not readable through the gateway"
+	d.reasons == [{"rule": "catalog_relation_not_allowed", "message": msg}]
+}
+
+test_catalog_functions_only_in_introspection if {
+	d := querygate.decision with input as select_with_functions(["pg_get_expr"])
+	not d.allow
+}
+
+test_introspection_needs_a_reader_group if {
+	inp := object.union(introspect(["pg_catalog.pg_class"], []), {"identity": {"groups": ["nobody"]}})
+	d := querygate.decision with input as inp
+	not d.allow
+}
+
 test_session_functions_that_drivers_call_on_connect_are_allowed if {
 	every f in ["version", "current_schema", "current_database", "current_user", "pg_backend_pid"] {
 		d := querygate.decision with input as select_with_functions([f])

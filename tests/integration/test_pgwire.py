@@ -104,3 +104,57 @@ def test_what_drivers_ask_on_connect_works_on_the_wire_and_over_http(pg, keys, s
     response = pg.query(sql, {"authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
     assert response.json()["row_count"] == 1
+
+
+def _psql(pg: Any, token: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    args = ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1",
+            "-p", str(pg.settings.pg_port), "-U", "alice", "-d", "appdb"]
+    for command in commands:
+        args += ["-c", command]
+    return subprocess.run(args, env={**os.environ, "PGPASSWORD": token, "PGSSLMODE": "disable"},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_psql_describes_tables_from_the_catalogs(pg, keys):
+    """psql's \\dt and \\d: catalog introspection, decided by policy (catalog.relations)."""
+    token = keys.token("alice", ["analysts"])
+    listed = _psql(pg, token, "\\d customers", "\\dt", "\\dv", "\\dn")
+    assert listed.returncode == 0, listed.stderr
+    # What PostgreSQL shows the caller's masking profile: its views of the tables.
+    assert "customers | view" in listed.stdout, listed.stdout
+    for column in ("id", "full_name", "email", "ssn", "card_number", "created_at"):
+        assert column in listed.stdout, listed.stdout
+
+
+def test_type_lookups_and_information_schema(pg, keys):
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT typname FROM pg_catalog.pg_type WHERE oid = %s",
+                            (23,)).fetchone() == ("int4",)
+        assert conn.execute("SELECT oid FROM pg_type WHERE typname = 'text'").fetchone() == (25,)
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'"
+        ).fetchall()
+        assert columns  # the profile's views, as PostgreSQL shows them to its role
+    over_http = pg.query("SELECT typname FROM pg_catalog.pg_type WHERE oid = $1",
+                         {"authorization": f"Bearer {token}"}, [23])
+    assert over_http.status_code == 200, over_http.text
+    assert over_http.json()["rows"] == [["int4"]]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM pg_catalog.pg_statistic",
+    "SELECT most_common_vals FROM pg_stats WHERE tablename = 'customers'",
+    "SELECT rolpassword FROM pg_authid",
+    "SELECT query FROM pg_stat_activity",
+    "SELECT setting FROM pg_settings WHERE name = 'data_directory'",
+    "SELECT c.relname, x.ssn FROM pg_class c, customers x",  # mixed: not introspection
+    "SELECT pg_catalog.pg_read_file('/etc/passwd') FROM pg_class",
+    "SELECT query_to_xml('select ssn from customers', true, true, '') FROM pg_class",
+])
+def test_values_credentials_and_activity_are_never_read_from_the_catalogs(pg, keys, sql):
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(sql)
+    assert caught.value.sqlstate in ("42501", "42P01"), caught.value

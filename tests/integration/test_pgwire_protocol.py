@@ -432,3 +432,23 @@ def test_every_statement_and_the_session_are_on_record(pg, keys):
         assert event["request"]["path"].startswith("pg-")
         assert event["request"]["source_ip"] == "127.0.0.1"
         assert event["request"]["application_name"] == "auditor-test"
+
+
+def test_deallocate_and_discard_all(pg, alice):
+    raw = Raw(pg, alice, "alice")
+    try:
+        raw.send(m.parse("s1", "SELECT id FROM customers WHERE id = $1"), m.sync())
+        assert kinds(raw.until("Z")) == "1Z"
+        raw.send(m.query("DEALLOCATE s1"))
+        assert kinds(raw.until("Z")) == "CZ"
+        raw.send(m.bind("", "s1", (0,), (b"1",), ()), m.sync())
+        out = raw.until("Z")
+        assert kinds(out) == "EZ" and sqlstate(out[0][1]) == "26000"
+        raw.send(m.parse("s2", "SELECT 1"), m.query("SET DateStyle = 'German'"))
+        raw.until("Z")
+        raw.send(m.query("DISCARD ALL"))
+        raw.until("Z")
+        raw.send(m.query("SHOW DateStyle"))
+        assert not m.parse_data_row(raw.until("Z")[1][1])[0].startswith(b"German")
+    finally:
+        raw.close()
