@@ -902,8 +902,9 @@ class BackendPool:
             else:
                 self._give(None)
 
-    async def release(self, conn: BackendConnection) -> None:
-        """Hand a connection back: reset, then to the next waiter; dropped if it cannot be."""
+    async def release(self, conn: BackendConnection, reset: bool = True) -> None:
+        """Hand a connection back: reset (unless the caller knows it needs none), then to
+        the next waiter; dropped if it cannot be."""
         if conn not in self._all:
             if self._closed:
                 return  # terminated by close() meanwhile
@@ -912,7 +913,7 @@ class BackendPool:
             self._drop(conn, polite=self._closed and not conn.closed and not conn.pending)
             return
         try:
-            if self._reset is not None:
+            if self._reset is not None and reset:
                 async with asyncio.timeout(self.reset_timeout_s):
                     await self._reset(conn)
         except Exception as exc:

@@ -160,6 +160,7 @@ class _Portal:
     description: bytes | None = None  # RowDescription or NoData
     plan: masking.MaskPlan | None = None  # what is masked, and what only the gateway can
     mask_here: bool = False  # outputs the database could not mask: decoded and masked here
+    executing: bool = False  # its Execute (and Sync) went with its Bind: one round trip
     sent: int = 0
     done: bool = False
     truncated: bool = False
@@ -207,6 +208,7 @@ class Session:
         self.out: list[bytes] = []
         self.tls = tls
         self.setup: str | None = None  # the set-up query of a connection just taken
+        self.clean = False  # the connection may go back without its reset (_connection)
         self.count = 0  # statements sent: simple-protocol statements, extended portals
         self.began = time.monotonic()
         self.started = False
@@ -363,6 +365,10 @@ class Session:
             # the statements decided before it are recorded as not run).
             for part in governed:
                 authorized.append(await self._authorize(part.sql, (), "simple"))
+                if len(authorized) > 1:
+                    # The statements run one after the other: the first one's slot is the
+                    # batch's (a batch longer than the caller's cap is not refused for it).
+                    _free(authorized[-1][1])
         except GatewayError as exc:
             for audit, budget, _ in authorized:
                 with contextlib.suppress(GatewayError):
@@ -553,7 +559,8 @@ class Session:
             return
         try:
             async with asyncio.timeout(self.gateway.settings.request_timeout_s):
-                backend.send(m.SYNC)
+                if not backend.pending:  # a one-round-trip read sent its Sync already
+                    backend.send(m.SYNC)
                 await self._until_ready()
         except (TimeoutError, OSError, ConnectionError):
             backend.terminate()
@@ -582,6 +589,7 @@ class Session:
             raise Forbidden("unsupported_statement", "DDL is not served on the wire protocol "
                             "yet; use POST /v1/query", decision_id=auth.decision.id)
         if self.backend is not None:
+            self.clean = False  # a second statement on it
             if role != self.role:
                 raise Forbidden(
                     "profile_changed",
@@ -616,6 +624,12 @@ class Session:
             self.commit_at_sync = True
         # Sent with the statement's own messages, in the same write: no round trip of its own.
         self.setup = "; ".join(setup) or None
+        # A read alone on this connection, in a session read only by default, with nothing
+        # of the session's set on it, leaves no state behind (its implicit transaction and
+        # portal end at its Sync; set_config, advisory locks, LISTEN and PREPARE never pass
+        # the gateway): it goes back without the pool's reset, a round trip less
+        # (executor.CleanSessions does the same for HTTP).
+        self.clean = not setup and _reads(auth)
         return conn
 
     async def _drain_setup(self) -> None:
@@ -634,8 +648,16 @@ class Session:
             await self._release(drop=True)
             raise error
 
-    async def _open(self, portal: _Portal, param_formats: tuple[int, ...] = ()) -> None:
-        """Parse the governed text, bind and describe the portal on the connection."""
+    async def _open(self, portal: _Portal, param_formats: tuple[int, ...] = (),
+                    run: int | None = None) -> None:
+        """Parse the governed text, bind and describe the portal on the connection.
+
+        With ``run`` (a row limit, 0: all), a read also executes, and the Sync follows, in
+        the same write: one round trip. Its rows wait in the socket's buffer while the
+        description is checked against the facts and planned for masking, and are relayed
+        only then; a read runs in a session read only by default, so one the checks then
+        refuse has changed nothing.
+        """
         auth = portal.auth
         assert auth is not None
         conn = await self._connection(auth)
@@ -651,8 +673,10 @@ class Session:
             *([m.query(setup)] if setup else []),
             m.parse("", auth.target.sql, portal.statement.oids),
             m.bind(name, "", param_formats, portal.params, formats),
-            m.describe("P", name), m.FLUSH,
+            m.describe("P", name),
+            *((m.execute(name, run), m.SYNC) if run is not None else (m.FLUSH,)),
         )
+        portal.executing = run is not None
         if setup:
             await self._drain_setup()
         await self._expect(_ONE)
@@ -761,7 +785,9 @@ class Session:
         try:
             async with pipeline.within(budget.stream_at):
                 if portal.description is None:
-                    await self._open(portal)
+                    cap = auth.max_rows
+                    one_trip = _reads(auth) and self.tx is None and self.backend is None
+                    await self._open(portal, run=(cap or 0) if one_trip else None)
                 if describe and portal.description is not None:
                     if portal.description[0] != _n:
                         self.out.append(portal.description)
@@ -788,10 +814,13 @@ class Session:
         if cap is not None:
             left = cap - portal.sent
             want = left if want == 0 else min(want, left)
-        if cap is not None and want <= 0:
+        if portal.executing:
+            portal.executing = False  # its Execute went with its Bind
+        elif cap is not None and want <= 0:
             await self._truncate(portal, conn, name)
             return
-        conn.send(m.execute(name, want), m.FLUSH)
+        else:
+            conn.send(m.execute(name, want), m.FLUSH)
         plan = portal.plan if portal.mask_here else None
         while True:
             rows = await conn.read_rows()
@@ -842,8 +871,9 @@ class Session:
         """The policy's row cap reached: the portal ends there, as if it had no more rows."""
         auth = portal.auth
         assert auth is not None
-        conn.send(m.close("P", name), m.FLUSH)
-        await self._expect(_THREE)
+        if not conn.pending:  # else a Sync is on its way, which ends the portal anyway
+            conn.send(m.close("P", name), m.FLUSH)
+            await self._expect(_THREE)
         portal.truncated = True
         self.out.append(m.notice_response(m.error_fields(
             "NOTICE", "01000", f"querygate: the answer was cut at {auth.max_rows} rows by "
@@ -883,15 +913,15 @@ class Session:
         await self._release()
 
     async def _release(self, drop: bool = False) -> None:
-        conn, pool = self.backend, self.pool
+        conn, pool, clean = self.backend, self.pool, self.clean
         self.backend = self.pool = self.role = None
-        self.commit_at_sync = self.rollback_at_sync = False
+        self.commit_at_sync = self.rollback_at_sync = self.clean = False
         if conn is None or pool is None:
             return
         if drop or conn.pending:
             pool.discard(conn)
         else:
-            await pool.release(conn)
+            await pool.release(conn, reset=not (clean and conn.status == b"I"))
 
     async def _next(self) -> tuple[int, bytes]:
         assert self.backend is not None
@@ -1016,6 +1046,7 @@ class Session:
 
     async def _forward(self, sql: str) -> list[bytes]:
         assert self.backend is not None
+        self.clean = False
         try:
             answer = await self.backend.simple(sql)
         except Exception as exc:
@@ -1139,6 +1170,10 @@ def _read_write(tx: _Transaction, auth: Authorized) -> str:
     if tx.read_only is None and _writes(auth):
         return " READ WRITE"
     return ""
+
+
+def _reads(auth: Authorized) -> bool:
+    return auth.facts.kind == "select" and not auth.facts.tables_write
 
 
 def _writes(auth: Authorized) -> bool:

@@ -452,3 +452,16 @@ def test_deallocate_and_discard_all(pg, alice):
         assert not m.parse_data_row(raw.until("Z")[1][1])[0].startswith(b"German")
     finally:
         raw.close()
+
+
+def test_a_batch_longer_than_the_concurrency_cap_runs(make_gateway, keys):
+    """Statements of one Query run one after the other: the caller's cap of concurrent
+    statements (4 by default) holds for the session, not for each statement of a batch."""
+    gateway = make_gateway(pg_port=free_port(), dev_mode=True, max_concurrent_per_identity=2)
+    raw = Raw(gateway, keys.token("alice", ["analysts"]), "alice")
+    try:
+        raw.send(m.query("; ".join(f"SELECT id FROM customers WHERE id = {i}" for i in range(1, 6))))
+        out = raw.until("Z")
+        assert kinds(out) == "TDC" * 5 + "Z", kinds(out)
+    finally:
+        raw.close()

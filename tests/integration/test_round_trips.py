@@ -68,3 +68,31 @@ def test_a_write_still_runs_in_a_read_write_transaction(wired, dana, db):
         assert round_trips(sent) == 4, sent
     finally:
         db.execute(f"UPDATE orders SET status = '{before}' WHERE id = 33")
+
+
+def test_a_read_on_the_wire_protocol_costs_one_round_trip(postgres, make_gateway, keys):
+    """psql's simple Query of a masked read, on a pooled connection already open: Parse,
+    Bind, Describe, Execute and Sync in one write, and no reset when it goes back (issue 17:
+    before, four round trips: the portal's open, its Execute, the Sync and the reset)."""
+    import psycopg
+
+    from app.devstack import free_port
+
+    wire = Wire(postgres.app_dsn)
+    gateway = make_gateway(database_url=wire.dsn, profile_pool_max=1, catalog_refresh_s=3600,
+                           pg_port=free_port(), dev_mode=True)
+    token = keys.token("alice", ["analysts"])
+    try:
+        with psycopg.connect(host="127.0.0.1", port=gateway.settings.pg_port, dbname="appdb",
+                             user="alice", password=token, sslmode="disable",
+                             autocommit=True) as conn:
+            sql = "SELECT id, email FROM customers WHERE id = 3"
+            conn.execute(sql, prepare=False).fetchall()
+            with wire.recording() as sent:
+                rows = conn.execute(sql, prepare=False).fetchall()
+        assert rows and rows[0][0] == 3 and "*" in rows[0][1]
+        assert [kind for kind, _ in sent] == ["P", "B", "D", "E", "S"], sent
+        assert round_trips(sent) == 1
+    finally:
+        gateway.stop()
+        wire.close()
