@@ -398,7 +398,8 @@ def start_passthrough(dsn: str, work: Path) -> Server:
 
 
 def start_querygate(dsn: str, opa_url: str, work: Path, source: Path = REPO_ROOT,
-                    name: str = "gateway") -> tuple[Server, dict[str, str]]:
+                    name: str = "gateway", extra: dict[str, str] | None = None,
+                    ) -> tuple[Server, dict[str, str]]:
     key = work / "dev-key.pem"
     settings = load_settings(dev_mode=True, environment="staging", dev_signing_key_file=key)
     tokens = {user: mint_dev_token(settings, user, list(groups), ttl_s=24 * 3600)
@@ -419,7 +420,7 @@ def start_querygate(dsn: str, opa_url: str, work: Path, source: Path = REPO_ROOT
         # caller (README) are off, so the run measures the gateway rather than its limits.
         settings |= {"rate_limit_per_s": "0", "max_concurrent_per_identity": "0",
                      "max_response_bytes": str(1 << 30)}
-    gateway = start_gateway(settings, work / f"{name}.log", source=source)
+    gateway = start_gateway(settings | (extra or {}), work / f"{name}.log", source=source)
     return Server(gateway.url, gateway.process.pid, gateway.stop), tokens
 
 
