@@ -17,6 +17,10 @@ sink by a background task. The decision path never waits on Kafka: only on the s
                        ▼
     Verifier        checks a copy of the trail (file or topic): gaps, reordering, edits
 
+With several worker processes (``QUERYGATE_WORKERS``) each claims a spool of its own, and so
+a chain of its own (``claim_spool``): worker slot 0 is the configured directory itself, as a
+single process uses it, slot *i* is its ``worker-<i>/``.
+
 Errors (internal; the request path turns them into 503 ``audit_unavailable``)::
 
     AuditError
@@ -172,6 +176,10 @@ class SpoolFull(AuditError):
         self.reason = reason
 
 
+class SpoolInUse(ConfigError):
+    """The spool directory is locked by another process (another gateway, or worker)."""
+
+
 class SinkError(AuditError):
     """A delivery failed after ``delivered`` lines of the batch got through, in order."""
 
@@ -318,7 +326,7 @@ class Spool:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise ConfigError(
+            raise SpoolInUse(
                 f"QUERYGATE_AUDIT_SPOOL_DIR: {self.directory} is in use by another gateway "
                 "process (one spool per process)"
             ) from None
@@ -662,6 +670,39 @@ class Spool:
 # --- sinks --------------------------------------------------------------------------------
 
 
+def worker_spool(directory: Path, instance_id: str | None, slot: int) -> tuple[Path, str | None]:
+    """The spool directory and configured instance id of worker ``slot``.
+
+    Slot 0 is what a single process uses, so going from one worker to several (or back)
+    keeps the first chain. Slot *i* is ``<directory>/worker-<i>``, with ``<id>-w<i>`` when
+    an id is configured; without one, each spool records an id of its own.
+    """
+    if slot == 0:
+        return directory, instance_id
+    return directory / f"worker-{slot}", None if instance_id is None else f"{instance_id}-w{slot}"
+
+
+def claim_spool(directory: Path, slots: int, max_bytes: int, segment_bytes: int,
+                instance_id: str | None = None) -> Spool:
+    """Open the first of ``slots`` worker spools no other process holds; blocking I/O.
+
+    Workers are not numbered by the server that starts them: the ``flock`` of each spool
+    decides, so a worker started again after a crash takes the slot (and continues the
+    chain) its predecessor left.
+    """
+    for slot in range(slots):
+        path, wanted = worker_spool(directory, instance_id, slot)
+        spool = Spool(path, max_bytes, segment_bytes, wanted)
+        try:
+            spool.open()
+        except SpoolInUse:
+            if slot == slots - 1:
+                raise
+            continue
+        return spool
+    raise ValueError("slots must be at least 1")
+
+
 class Sink(Protocol):
     """Where shipped events go; ``send`` delivers all lines in order or raises SinkError."""
 
@@ -675,7 +716,11 @@ class Sink(Protocol):
 
 
 class FileSink:
-    """Appends each event as a line to a JSONL file, fsynced before it counts as shipped."""
+    """Appends each event as a line to a JSONL file, fsynced before it counts as shipped.
+
+    Worker processes share one file: each batch is appended under an ``flock`` of it, so
+    batches never interleave and a failed one is cut back to where it began.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -694,16 +739,20 @@ class FileSink:
             raise SinkError(f"cannot append to {self.path}: {exc.strerror}", kind="os") from exc
 
     def _append(self, data: bytes) -> None:
-        start = os.fstat(self._fd).st_size
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-            os.fdatasync(self._fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            raise
+            start = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fdatasync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     async def close(self) -> None:
         if self._fd >= 0:
@@ -1029,10 +1078,15 @@ class AuditLog:
             log.log(level, "QUERYGATE_AUDIT_SPOOL_DIR is not set: the audit spool is the "
                     "temporary %s, deleted at shutdown; unshipped events do not survive a crash",
                     directory)
+        # One file for every worker (FileSink appends under a lock), chains told apart by
+        # instance: `querygate audit verify` checks them all in one pass.
         self.file_path = s.audit_file or (directory / "audit.jsonl")
-        spool = Spool(directory, s.audit_spool_max_bytes, s.audit_segment_bytes,
-                      s.audit_instance_id)
-        await asyncio.get_running_loop().run_in_executor(None, spool.open)
+        # A temporary spool is this process's alone: there is nothing to share a slot with.
+        slots = 1 if self._temporary is not None else s.workers
+        spool = await asyncio.get_running_loop().run_in_executor(
+            None, claim_spool, directory, slots, s.audit_spool_max_bytes,
+            s.audit_segment_bytes, s.audit_instance_id,
+        )
         self.spool = spool
         self.sink = make_sink(s, spool.instance, self.file_path, self.metrics)
         await self.sink.start()

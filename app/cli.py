@@ -10,6 +10,7 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,14 +37,36 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(settings: Settings) -> None:
+def serve_app() -> Any:
+    """The application of `querygate serve`, built from the QUERYGATE_* variables.
+
+    For a server that starts its own processes and imports the application by name:
+    uvicorn's workers (``QUERYGATE_WORKERS``), or granian in the benchmark
+    (``granian --interface asgi --factory app.cli:serve_app``).
+    """
+    from app.http import create_app
+
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def _serve(settings: Settings, workers: int = 1) -> None:
     import uvicorn
 
     from app.http import create_app
 
-    app = create_app(settings)
+    if workers > 1:
+        # Each worker process imports the app and runs its own lifespan: pools, OPA client,
+        # caches, limits, and an audit spool and chain of its own (app/audit.py claim_spool).
+        settings.require_serving()  # a misconfiguration stops here, not in every worker
+        app: Any = "app.cli:serve_app"
+    else:
+        app = create_app(settings)
     uvicorn.run(
         app,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -64,7 +87,7 @@ def _serve(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     _configure_logging(settings.log_level)
-    _serve(settings)
+    _serve(settings, settings.workers)
     return 0
 
 
@@ -164,6 +187,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "Ctrl-C stops everything.\n",
             flush=True,
         )
+        if settings.workers > 1:
+            # The workers would build their settings from the variables alone, without the
+            # local stack's DSN and OPA given above.
+            log.warning("querygate dev serves with one worker; QUERYGATE_WORKERS is for serve")
         _serve(settings)
     finally:
         if opa is not None:
@@ -234,7 +261,6 @@ def _explain_policy_dir(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
     import uuid
-    from typing import Any
 
     import asyncpg
 

@@ -406,6 +406,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)
+    # `querygate serve` worker processes on the one port. Each has its own audit spool and
+    # chain (docs/audit.md), pools, caches and per-caller limits (README).
+    workers: int = Field(1, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("schemas", "jwt_algorithms", "admin_groups", mode="before")
@@ -491,6 +494,10 @@ class Settings(BaseSettings):
             raise ConfigError(f"{_env('database_url')} is required")
         if self.environment == "prod" and self.mask_hmac_key is None:
             raise ConfigError(f"{_env('mask_hmac_key')} is required in prod")
+        if self.workers > 1 and self.mask_hmac_key is None:
+            # Without it each process draws its own key, and the key is stored in the database
+            # and derives the profiles' passwords: the workers would undo each other's.
+            raise ConfigError(f"{_env('mask_hmac_key')} is required with {_env('workers')} > 1")
         if (
             self.jwt_public_key is None
             and self.jwt_public_key_file is None

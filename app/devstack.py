@@ -21,6 +21,7 @@ import subprocess
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,12 +309,14 @@ class GatewayProcess:
 
 
 def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True,
-                  source: Path = REPO_ROOT) -> GatewayProcess:
+                  source: Path = REPO_ROOT,
+                  command: Callable[[str], list[str]] | None = None) -> GatewayProcess:
     """Run ``querygate serve`` with exactly these QUERYGATE_* settings and wait for /readyz.
 
     With ``wait=False`` only wait until it answers /healthz: for a gateway that is meant to
     stay not ready (its OPA refused the policy bundle). ``source`` is the checkout whose
-    ``app`` runs (the benchmark's baseline is another commit's).
+    ``app`` runs (the benchmark's baseline is another commit's). ``command``, given the port,
+    is another server's command line for the same application (the benchmark's granian).
     """
     import sys
 
@@ -321,10 +324,10 @@ def start_gateway(settings: dict[str, str], log_path: Path, wait: bool = True,
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYGATE_")}
     env.update({f"QUERYGATE_{k.upper()}": v for k, v in settings.items()})
     env["QUERYGATE_PORT"] = port
+    argv = [sys.executable, "-m", "app.cli", "serve"] if command is None else command(port)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=source,
+        process = subprocess.Popen(  # noqa: S603 (our own interpreter, or the benchmark's server)
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=source
         )
     gateway = GatewayProcess(process, f"http://127.0.0.1:{port}")
     probe = "/readyz" if wait else "/healthz"

@@ -285,7 +285,10 @@ class Profiles:
 
     async def migrate(self) -> None:
         """The gateway's own record of the profiles it created (querygate db sync reads it)."""
-        async with self._login.acquire() as conn:
+        async with self._login.acquire() as conn, conn.transaction():
+            # Gateways (and worker processes) start at once; CREATE … IF NOT EXISTS is not
+            # safe against a concurrent create, so this runs under the approvals' migration lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('querygate.migrate'))")
             await conn.execute(INTERNAL_SQL)
 
     # -- passwords
@@ -521,6 +524,9 @@ async def sync_profile_views(conn: asyncpg.Connection, spec: ProfileSpec, catalo
     neither drop nor rename a column.
     """
     role = quote_ident(spec.role)
+    # The profile's own lock (as _materialise takes it; it nests): another gateway process
+    # syncing or creating the same views waits instead of failing on a half-made schema.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", spec.role)
     await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {MASK_SCHEMA} TO {role}")
     for schema in catalog.schemas:

@@ -13,8 +13,12 @@ stream. Each HTTP run is checked first (status, masking on (c), none on (b)). Th
 own Prometheus metrics give per-stage time. The report is one Markdown table, written to
 stdout and bench/results/report.md (and .json), followed by the issue's targets.
 
-CPU placement on a 2-core machine: the servers (b) and (c) are pinned to the last core,
-this process and wrk to the first; PostgreSQL and OPA float on both.
+(b) and (c) always run under the same HTTP server (``--server``: uvicorn, or granian) with
+the same number of worker processes (``--workers``), so the ratio compares like with like.
+
+CPU placement on a 2-core machine: this process and wrk are pinned to the first core; the
+servers (b) and (c), every process and thread of them, to the last core with one worker,
+and to all cores with more (``--server-cpus``); PostgreSQL and OPA float on both.
 
     .venv/bin/python bench/load_bench.py [--duration 10] [--clients 1,16] [--stream-rows N]
 """
@@ -142,10 +146,22 @@ def cpus() -> tuple[set[int], set[int]] | None:
 
 
 def pin(pid: int, cpu_set: set[int]) -> None:
-    """Pin every thread of ``pid`` (threads started later inherit it)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(task.name), cpu_set)
+    """Pin every thread of ``pid`` and of its worker processes (threads started later
+    inherit it)."""
+    pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    for each in pids:
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{each}/task").iterdir():
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task.name), cpu_set)
+
+
+def granian_command(target: str, port: str, workers: int) -> list[str]:
+    """granian serving an ASGI factory as uvicorn serves (b) and (c): uvloop, HTTP/1.1 only,
+    no access log."""
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
+            "--loop", "uvloop", "--http", "1", "--no-ws", "--workers", str(workers),
+            "--log-level", "warning", "--host", "127.0.0.1", "--port", port, target]
 
 
 # --- load generation ----------------------------------------------------------------------
@@ -385,12 +401,17 @@ class Server:
     stop: Any
 
 
-def start_passthrough(dsn: str, work: Path) -> Server:
+def start_passthrough(dsn: str, work: Path, server: str = "uvicorn", workers: int = 1) -> Server:
     port = free_port()
     log = (work / "passthrough.log").open("wb")
+    if server == "granian":
+        argv = granian_command("bench.passthrough:app_from_env", str(port), workers)
+    else:
+        argv = [sys.executable, str(BENCH / "passthrough.py"), dsn, str(port), str(POOL_SIZE),
+                str(workers)]
     process = subprocess.Popen(
-        [sys.executable, str(BENCH / "passthrough.py"), dsn, str(port), str(POOL_SIZE)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        env={**os.environ, "BENCH_PASSTHROUGH_DSN": dsn, "BENCH_PASSTHROUGH_POOL": str(POOL_SIZE)},
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout_s=60)
@@ -398,8 +419,8 @@ def start_passthrough(dsn: str, work: Path) -> Server:
 
 
 def start_querygate(dsn: str, opa_url: str, work: Path, source: Path = REPO_ROOT,
-                    name: str = "gateway", extra: dict[str, str] | None = None,
-                    ) -> tuple[Server, dict[str, str]]:
+                    name: str = "gateway", server: str = "uvicorn", workers: int = 1,
+                    extra: dict[str, str] | None = None) -> tuple[Server, dict[str, str]]:
     key = work / "dev-key.pem"
     settings = load_settings(dev_mode=True, environment="staging", dev_signing_key_file=key)
     tokens = {user: mint_dev_token(settings, user, list(groups), ttl_s=24 * 3600)
@@ -420,11 +441,23 @@ def start_querygate(dsn: str, opa_url: str, work: Path, source: Path = REPO_ROOT
         # caller (README) are off, so the run measures the gateway rather than its limits.
         settings |= {"rate_limit_per_s": "0", "max_concurrent_per_identity": "0",
                      "max_response_bytes": str(1 << 30)}
-    gateway = start_gateway(settings | (extra or {}), work / f"{name}.log", source=source)
+    if workers > 1:
+        if "workers" not in known:
+            raise SystemExit(f"{source} has no QUERYGATE_WORKERS: run it with --workers 1")
+        # Also under granian: each worker then claims an audit spool of its own.
+        settings["workers"] = str(workers)
+    command = None
+    if server == "granian":
+        if "def serve_app" not in (source / "app" / "cli.py").read_text():
+            raise SystemExit(f"{source} has no app.cli:serve_app for granian")
+        def command(port: str) -> list[str]:
+            return granian_command("app.cli:serve_app", port, workers)
+    gateway = start_gateway(settings | (extra or {}), work / f"{name}.log", source=source,
+                            command=command)
     return Server(gateway.url, gateway.process.pid, gateway.stop), tokens
 
 
-def start_baseline(commit: str, pg: Any, work: Path) -> Server:
+def start_baseline(commit: str, pg: Any, work: Path, args: Any) -> Server:
     """Another commit's gateway (and its own rego/ in its own OPA), on the same database."""
     source = work / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(source), commit], cwd=REPO_ROOT,
@@ -441,7 +474,8 @@ def start_baseline(commit: str, pg: Any, work: Path) -> Server:
             await conn.close()
 
     asyncio.run(grant())
-    server, _ = start_querygate(pg.app_dsn, opa.url, work, source=source, name="baseline")
+    server, _ = start_querygate(pg.app_dsn, opa.url, work, source=source, name="baseline",
+                                server=args.server, workers=args.workers)
 
     def stop() -> None:
         server.stop()
@@ -581,7 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "look at one lever, printed as the rows alone (no stream, no targets)")
     parser.add_argument("--compare-only", action="store_true",
                         help="with --baseline: only the interleaved comparison, no main table")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="the HTTP server of both the passthrough and querygate")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes of both the passthrough and querygate "
+                        "(querygate: QUERYGATE_WORKERS); with more than one the stage "
+                        "columns stay empty, as each /metrics scrape reaches one worker")
+    parser.add_argument("--server-cpus", choices=("last", "all"), default=None,
+                        help="the servers' cores: the last one (default with one worker) or "
+                        "all (default with more); this process and wrk keep the first")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    server_cpus = args.server_cpus or ("last" if args.workers == 1 else "all")
     levels = [int(c) for c in args.clients.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="qg-bench-"))
@@ -596,19 +642,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         customers = asyncio.run(_table_size(pg.owner_dsn, "customers"))
         orders = asyncio.run(_table_size(pg.owner_dsn, "orders"))
         placement = cpus()
+        every_cpu = set(os.sched_getaffinity(0))
         if placement is not None:
             os.sched_setaffinity(0, placement[0])  # this process and wrk, after PG and OPA
-        passthrough = start_passthrough(pg.owner_dsn, work)
+        passthrough = start_passthrough(pg.owner_dsn, work, args.server, args.workers)
         servers.append(passthrough)
-        querygate, tokens = start_querygate(pg.app_dsn, opa.url, work)
+        querygate, tokens = start_querygate(pg.app_dsn, opa.url, work, server=args.server,
+                                            workers=args.workers)
         servers.append(querygate)
         baseline = None
         if args.baseline:
-            baseline = start_baseline(args.baseline, pg, work)
+            baseline = start_baseline(args.baseline, pg, work, args)
             servers.append(baseline)
         if placement is not None:
+            server_set = placement[1] if server_cpus == "last" else every_cpu
             for server in servers:
-                pin(server.pid, placement[1])
+                pin(server.pid, server_set)
 
         rows: list[Row] = []
         chosen = None if args.workloads is None else set(args.workloads.split(","))
@@ -633,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         before = stage_totals(querygate.url)
                         row = wrk_row(run_wrk(server.url, w, clients, args.duration, token),
                                       w, clients, target)
-                        if target == "querygate":
+                        if target == "querygate" and args.workers == 1:
                             row.stages_us = stage_means(before, stage_totals(querygate.url),
                                                         row.requests)
                         runs[target].append(row)
@@ -657,7 +706,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare_only:
             print(comparison_table(args, comparisons))
             return 0
+        setup = (f"{args.server}, {args.workers} worker(s) each, servers on "
+                 f"{'the last core' if server_cpus == 'last' else 'every core'}")
         if chosen is not None:
+            print(f"# {setup}")
             for r in rows:
                 extra = "" if r.ratio is None else (
                     f"  {r.ratio:.0%} of the passthrough, +p50 {ms(r.added_p50_us)} ms")
@@ -701,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("NDJSON resident memory growth", "< 100 MB", f"{stream.rss_growth_mb:.1f} MB",
              (stream.rss_growth_mb or 0) < 100),
         ]
-        text = report(rows, streams, targets, machine_line())
+        text = report(rows, streams, targets, f"{machine_line()}; {setup}")
         if comparisons:
             text += comparison_table(args, comparisons)
         print(text)

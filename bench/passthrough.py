@@ -6,14 +6,21 @@ framing. No authentication, no facts, no policy, no masking, no audit, no transa
 wrapper: what is left is the cost every HTTP-to-PostgreSQL proxy pays, so querygate's ratio
 to it is the cost of governance alone. It is part of the benchmark, never of the product.
 
-    .venv/bin/python bench/passthrough.py DSN PORT POOL_SIZE
+    .venv/bin/python bench/passthrough.py DSN PORT POOL_SIZE [WORKERS]
+
+With more than one worker uvicorn imports ``app_from_env`` in each worker process; granian
+(``load_bench.py --server granian``) serves that same factory:
+``granian --interface asgi --factory bench.passthrough:app_from_env``, with the DSN and pool
+size in ``BENCH_PASSTHROUGH_DSN`` and ``BENCH_PASSTHROUGH_POOL``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -68,6 +75,11 @@ def create_app(dsn: str, pool_size: int) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The app for a server that imports it by name in each worker (uvicorn's, granian's)."""
+    return create_app(os.environ["BENCH_PASSTHROUGH_DSN"], int(os.environ["BENCH_PASSTHROUGH_POOL"]))
+
+
 async def _stream(pool: asyncpg.Pool, sql: str, params: list[Any]) -> AsyncIterator[bytes]:
     async with pool.acquire() as conn, conn.transaction():
         statement = await conn.prepare(sql)
@@ -84,10 +96,19 @@ async def _stream(pool: asyncpg.Pool, sql: str, params: list[Any]) -> AsyncItera
 
 def main() -> None:
     dsn, port, pool_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    uvicorn.run(
-        create_app(dsn, pool_size), host="127.0.0.1", port=port, log_level="warning",
-        access_log=False, loop="uvloop", http="httptools", server_header=False,
-    )
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    options: dict[str, object] = {
+        "host": "127.0.0.1", "port": port, "log_level": "warning", "access_log": False,
+        "loop": "uvloop", "http": "httptools", "server_header": False,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(dsn, pool_size), **options)
+        return
+    os.environ |= {"BENCH_PASSTHROUGH_DSN": dsn, "BENCH_PASSTHROUGH_POOL": str(pool_size)}
+    # The workers import the factory by name: from the repository root, not from bench/.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    uvicorn.run("bench.passthrough:app_from_env", factory=True, workers=workers,
+                **options)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ from app.audit import (
     SpoolFull,
     Verifier,
     canonical,
+    claim_spool,
     event_hash,
     redact_sql,
     verify_file,
+    worker_spool,
 )
 from app.cli import main
 from app.config import ConfigError, load_settings
@@ -139,6 +141,61 @@ async def test_a_second_process_cannot_open_the_same_spool(tmp_path):
     with pytest.raises(ConfigError, match="in use by another gateway process"):
         Spool(tmp_path / "spool", 1 << 20, 1 << 16).open()
     await _close(spool, writer)
+
+
+def test_worker_slots_have_their_own_directory_and_instance_id(tmp_path):
+    # Slot 0 is the single process's spool, so one worker or several keep its chain.
+    assert worker_spool(tmp_path, "gw", 0) == (tmp_path, "gw")
+    assert worker_spool(tmp_path, "gw", 1) == (tmp_path / "worker-1", "gw-w1")
+    assert worker_spool(tmp_path, None, 2) == (tmp_path / "worker-2", None)
+    settings = load_settings(audit_instance_id=worker_spool(tmp_path, "g" * 120, 63)[1])
+    assert settings.audit_instance_id == "g" * 120 + "-w63"  # still a valid id
+
+
+async def test_each_worker_claims_a_spool_of_its_own_and_a_restarted_one_takes_the_free_slot(
+    tmp_path,
+):
+    # Three processes' worth of claims (flock is per open file, so one process shows it).
+    claimed = [claim_spool(tmp_path / "spool", 3, 1 << 20, 1 << 16, "gw") for _ in range(3)]
+    assert [s.directory for s in claimed] == [
+        tmp_path / "spool", tmp_path / "spool" / "worker-1", tmp_path / "spool" / "worker-2"
+    ]
+    assert [s.instance for s in claimed] == ["gw", "gw-w1", "gw-w2"]
+    assert len({s.chain for s in claimed}) == 3
+    with pytest.raises(ConfigError, match="worker-2 is in use"):
+        claim_spool(tmp_path / "spool", 3, 1 << 20, 1 << 16, "gw")
+    # Worker 1 dies: its successor gets slot 1 back, with the same instance and chain.
+    chain = claimed[1].chain
+    claimed[1].release()
+    again = claim_spool(tmp_path / "spool", 3, 1 << 20, 1 << 16, "gw")
+    assert (again.instance, again.chain) == ("gw-w1", chain)
+    for spool in (claimed[0], claimed[2], again):
+        spool.release()
+    # Without a configured id each spool records one of its own.
+    unnamed = [claim_spool(tmp_path / "other", 2, 1 << 20, 1 << 16) for _ in range(2)]
+    assert unnamed[0].instance != unnamed[1].instance
+    for spool in unnamed:
+        spool.release()
+
+
+async def test_workers_share_the_file_sink_and_verify_checks_every_chain(tmp_path):
+    settings = load_settings(environment="staging", audit_spool_dir=tmp_path / "spool",
+                             audit_instance_id="gw", workers=2, mask_hmac_key="k" * 32)
+    logs = [AuditLog(settings, Metrics()) for _ in range(2)]
+    for log_ in logs:
+        await log_.start()
+    assert [log_.instance for log_ in logs] == ["gw", "gw-w1"]
+    await asyncio.gather(*(
+        log_.record(log_.event("decision", n=n), gate=True) for n in range(20) for log_ in logs
+    ))
+    for log_ in logs:
+        await log_.close()
+    verifier = verify_file(tmp_path / "spool" / "audit.jsonl")
+    assert verifier.ok, verifier.summary()
+    # started, 20 decisions, stopped: each chain whole in the one file.
+    assert sorted((c["instance"], c["events"]) for c in verifier.report()["chains"]) == [
+        ("gw", 22), ("gw-w1", 22)
+    ]
 
 
 async def test_another_instance_id_is_refused_while_events_are_unshipped(tmp_path):

@@ -58,6 +58,17 @@ def test_serving_needs_a_database_and_a_key():
         load_settings(database_url="postgresql://h/db", environment="prod").require_serving()
 
 
+def test_several_workers_need_one_masking_key():
+    # Each process would otherwise draw its own, store it and derive profile passwords from it.
+    dev = {"database_url": "postgresql://h/db", "environment": "staging", "dev_mode": True}
+    with pytest.raises(ConfigError, match="QUERYGATE_MASK_HMAC_KEY is required with QUERYGATE_WORKERS"):
+        load_settings(**dev, workers=2).require_serving()
+    load_settings(**dev, workers=2, mask_hmac_key="k" * 32).require_serving()
+    load_settings(**dev, workers=1).require_serving()
+    with pytest.raises(ConfigError, match="QUERYGATE_WORKERS"):
+        load_settings(workers=0)
+
+
 def test_token_command_refuses_without_dev_mode(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("QUERYGATE_ENVIRONMENT", "staging")
     monkeypatch.setenv("QUERYGATE_DEV_SIGNING_KEY_FILE", str(tmp_path / "k.pem"))
