@@ -144,8 +144,18 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka wrk pgclients lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
+
+# psql and pgbench (Debian's postgresql-client): real clients of the wire protocol's tests.
+.PHONY: pgclients
+pgclients: ## install psql and pgbench from Debian's packages when missing
+	@command -v psql >/dev/null && command -v pgbench >/dev/null || { \
+	  echo "pgclients: installing Debian's postgresql-client"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq postgresql-client >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql-client; }; }
+	@command -v psql >/dev/null && command -v pgbench >/dev/null || { echo "pgclients: could not be installed (apt-get install postgresql-client)"; exit 1; }
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
 .PHONY: wrk
@@ -159,9 +169,20 @@ wrk: ## install the wrk load generator from Debian's packages when it is missing
 
 # BENCH_ARGS, e.g. BENCH_ARGS="--duration 20": see `.venv/bin/python -m bench.load_bench -h`.
 BENCH_ARGS ?=
+# PGWIRE_BENCH_ARGS, e.g. "--clients 8 --duration 10 --rounds 2" (bench/pgwire_bench.py).
+PGWIRE_BENCH_ARGS ?=
 .PHONY: bench
-bench: venv $(OPA) wrk ## direct vs passthrough vs querygate under load, 1M-row stream: one report
+bench: venv $(OPA) wrk pgbouncer ## direct vs passthrough vs querygate under load, 1M-row stream, the wire protocol vs PgBouncer
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.load_bench $(BENCH_ARGS)
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.pgwire_bench $(PGWIRE_BENCH_ARGS)
+
+.PHONY: pgbouncer
+pgbouncer: ## install Debian's PgBouncer (the wire-protocol benchmark's comparison) when missing
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { \
+	  echo "pgbouncer: installing Debian's package"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq pgbouncer; }; }
 
 .PHONY: clean
 clean: ## remove local state (not the OPA build cache)

@@ -83,7 +83,8 @@ def start_pgbouncer(socket_dir: str, work: Path, user: str) -> tuple[subprocess.
     for name in ("users.txt", "pgbouncer.ini"):
         (work / name).chmod(0o644)
     # PgBouncer will not run as root: as PostgreSQL's own system user, then.
-    process = subprocess.Popen(["pgbouncer", str(work / "pgbouncer.ini")],
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    process = subprocess.Popen([binary, str(work / "pgbouncer.ini")],
                                user=user if os.geteuid() == 0 else None,
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20

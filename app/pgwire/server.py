@@ -66,9 +66,12 @@ class PgServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        # Worker processes (QUERYGATE_WORKERS) each listen on the port; the kernel spreads
+        # the connections. A CancelRequest reaches the worker its connection lands on, so
+        # with several workers cancel works only when that is the session's (docs/pgwire.md).
         self._server = await asyncio.start_server(
             self._accept, self.settings.pg_host, self.settings.pg_port,
-            limit=m.MAX_STARTUP_LEN * 8,
+            limit=m.MAX_STARTUP_LEN * 8, reuse_port=self.settings.workers > 1 or None,
         )
         log.info("PostgreSQL wire protocol on %s:%s", self.settings.pg_host, self.port)
 
