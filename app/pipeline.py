@@ -399,6 +399,10 @@ class Authorized:
     rules: masking.Rules
     max_rows: int | None
     max_rows_affected: int | None
+    # A read's decision, still being written while it runs (``authorize(overlap_reads=
+    # True)``): nothing of its answer may reach the client before it is done; ``finished``
+    # awaits it. None: durable before ``authorize`` returned.
+    durable: Awaitable[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +416,8 @@ class _Ready:
 
 
 async def authorize(
-    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta
+    gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
+    *, overlap_reads: bool = False,
 ) -> Authorized | Held:
     """Decide the statement; if allowed, say where to run it, its allow durable first.
 
@@ -423,22 +428,49 @@ async def authorize(
     raised there is audited there) and report the end with ``finished``.
     """
     try:
-        ready = await _authorize(gateway, audit, identity, statement, meta, True, overlap=False)
+        ready = await _authorize(gateway, audit, identity, statement, meta, True,
+                                 overlap=overlap_reads, wake=True)
+        if not isinstance(ready, Held) and ready.decision_durable is not None:
+            # A read: it may run while its decision is written, but not on a cached
+            # decision whose bundle is no longer active.
+            await _confirmed(ready.ev, audit, ready.decision_durable)
     except _Stale:
         _restart(audit, meta)
-        ready = await _authorize(gateway, audit, identity, statement, meta, False, overlap=False)
+        ready = await _authorize(gateway, audit, identity, statement, meta, False,
+                                 overlap=overlap_reads, wake=True)
     if isinstance(ready, Held):
         return ready
     decision = ready.ev.decision
     return Authorized(ready.ev.facts, ready.enforced, ready.target, ready.rules,
-                      decision.max_rows, decision.max_rows_affected)
+                      decision.max_rows, decision.max_rows_affected, ready.decision_durable)
 
 
 async def finished(
     gateway: Gateway, audit: RequestAudit, facts: QueryFacts, *, rows_returned: int,
     rows_affected: int | None, truncated: bool, masked: dict[str, str],
+    decision_durable: Awaitable[None] | None = None,
 ) -> None:
-    """The outcome of a statement that ``authorize`` let run and that ran to its end."""
+    """The outcome of a statement that ``authorize`` let run and that ran to its end; with
+    ``decision_durable`` (``Authorized.durable``), once both are durable (a spool that
+    cannot make the decision so raises, and the answer must not be given)."""
+    if decision_durable is not None:
+        outcome: Awaitable[None] | None = None
+        try:
+            outcome = audit.executed(outcome="ok", rows_returned=rows_returned,
+                                     rows_affected=rows_affected, truncated=truncated,
+                                     masked=masked)
+        except GatewayError:
+            log.error("the outcome of request %s could not be audited", audit.request_id)
+        try:
+            await decision_durable
+        finally:
+            if outcome is not None:
+                try:
+                    await outcome
+                except GatewayError:
+                    log.error("the outcome of request %s could not be audited",
+                              audit.request_id)
+        return
     if facts.kind == "ddl":
         # The profiles' views of the changed tables may have been dropped for the DDL:
         # every recorded profile's come back from the new catalog now, for the other
@@ -462,7 +494,7 @@ def _restart(audit: RequestAudit, meta: Meta) -> None:
 
 async def _authorize(
     gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
-    speculate: bool, *, overlap: bool,
+    speculate: bool, *, overlap: bool, wake: bool = False,
 ) -> _Ready | Held:
     settings = gateway.settings
     budget = meta.budget
@@ -507,7 +539,7 @@ async def _authorize(
     read = overlap and _is_read(facts, statement, meta)
     # A read's decision is not synced on its own: it goes with the outcome's (one fsync
     # for both), or with whatever another request appends first.
-    sealed = audit.decided("allow", gate=True, wake=not read)
+    sealed = audit.decided("allow", gate=True, wake=wake or not read)
     decision_durable: Awaitable[None] | None = sealed
     if not read:
         # Nothing runs before both: the probe confirming a cached allow and the fsync of

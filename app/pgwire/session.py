@@ -334,8 +334,10 @@ class Session:
         approval, self.approval = self.approval, None
         async with pipeline.guard(audit, budget):
             pipeline.admit(self.gateway, self.identity)
+            # A read runs while its decision is written; its answer waits (finished).
             outcome = await pipeline.authorize(self.gateway, audit, self.identity,
-                                               Statement(sql, tuple(params), approval), meta)
+                                               Statement(sql, tuple(params), approval), meta,
+                                               overlap_reads=True)
             if isinstance(outcome, Held):
                 budget.release()
                 raise _held(outcome)
@@ -828,6 +830,8 @@ class Session:
                 portal.sent += _count_rows(rows)
                 self.out.append(rows if plan is None else _masked(rows, plan))
                 if sum(len(b) for b in self.out) > 256 * 1024:
+                    if auth.durable is not None:
+                        await auth.durable  # no row before its decision is durable
                     await self._flush()
                 continue
             kind, payload = await self._next()
@@ -864,7 +868,8 @@ class Session:
         self.out.append(m.command_complete(tag))
         await pipeline.finished(self.gateway, audit, auth.facts, rows_returned=portal.sent,
                                 rows_affected=affected, truncated=portal.truncated,
-                                masked=portal.plan.masked if portal.plan is not None else {})
+                                masked=portal.plan.masked if portal.plan is not None else {},
+                                decision_durable=auth.durable)
         self._end_portal(portal)
 
     async def _truncate(self, portal: _Portal, conn: BackendConnection, name: str) -> None:
