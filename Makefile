@@ -63,8 +63,7 @@ opa: $(OPA) ## obtain the pinned opa binary into bin/
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tools/kafka/pom.xml)
 KAFKA_LIBS    := .tools/kafka/$(KAFKA_VERSION)/libs
 
-$(KAFKA_LIBS)/.complete: tools/kafka/pom.xml
-	@command -v mvn >/dev/null && command -v java >/dev/null || { echo "kafka: Maven (mvn) and Java 17+ are needed"; exit 1; }
+$(KAFKA_LIBS)/.complete: tools/kafka/pom.xml | jdk
 	@echo "kafka: copying Apache Kafka $(KAFKA_VERSION) and its dependencies from Maven Central into $(KAFKA_LIBS)"
 	@rm -rf $(KAFKA_LIBS)
 	mvn -q -B --no-transfer-progress -Dstyle.color=never -f tools/kafka/pom.xml dependency:copy-dependencies \
@@ -73,6 +72,26 @@ $(KAFKA_LIBS)/.complete: tools/kafka/pom.xml
 
 .PHONY: kafka
 kafka: $(KAFKA_LIBS)/.complete ## obtain the pinned Apache Kafka broker (jars from Maven Central) into .tools/kafka/
+
+# Java 17 and Maven (Debian's packages) for the Kafka broker and the pgjdbc client test.
+.PHONY: jdk
+jdk: ## install a JDK 17 and Maven from Debian's packages when they are missing
+	@command -v javac >/dev/null && command -v mvn >/dev/null || { \
+	  echo "jdk: installing Debian's openjdk-17-jdk-headless and maven"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq openjdk-17-jdk-headless maven; }; }
+	@command -v javac >/dev/null && command -v mvn >/dev/null || { echo "jdk: could not be installed (apt-get install openjdk-17-jdk-headless maven)"; exit 1; }
+
+# psql and pgbench (Debian's postgresql-client) for the wire-protocol client tests.
+.PHONY: pg-client
+pg-client: ## install psql and pgbench from Debian's packages when they are missing
+	@psql --version >/dev/null 2>&1 && pgbench --version >/dev/null 2>&1 || { \
+	  echo "pg-client: installing Debian's postgresql-client"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq postgresql-client >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql-client; }; }
+	@psql --version >/dev/null 2>&1 && pgbench --version >/dev/null 2>&1 || { echo "pg-client: could not be installed (apt-get install postgresql-client)"; exit 1; }
 
 # The stamp names the version, so changing KUSTOMIZE_VERSION rebuilds and a second run is instant.
 bin/.kustomize-$(KUSTOMIZE_VERSION):
@@ -144,7 +163,7 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
