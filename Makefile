@@ -83,6 +83,26 @@ jdk: ## install a JDK 17 and Maven from Debian's packages when they are missing
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq openjdk-17-jdk-headless maven; }; }
 	@command -v javac >/dev/null && command -v mvn >/dev/null || { echo "jdk: could not be installed (apt-get install openjdk-17-jdk-headless maven)"; exit 1; }
 
+# PostgreSQL's JDBC driver for the wire-protocol client test: the driver's jar from Maven Central,
+# version pinned in tools/pgjdbc/pom.xml, and tools/pgjdbc/PgjdbcClient.java compiled against it,
+# cached per version in .tools/pgjdbc/<version>/. The test runs `make pgjdbc` too.
+PGJDBC_VERSION := $(shell sed -n 's:.*<pgjdbc.version>\(.*\)</pgjdbc.version>.*:\1:p' tools/pgjdbc/pom.xml)
+PGJDBC_DIR     := .tools/pgjdbc/$(PGJDBC_VERSION)
+
+$(PGJDBC_DIR)/libs/.complete: tools/pgjdbc/pom.xml | jdk
+	@echo "pgjdbc: copying the PostgreSQL JDBC driver $(PGJDBC_VERSION) from Maven Central into $(PGJDBC_DIR)/libs"
+	@rm -rf $(PGJDBC_DIR)/libs
+	mvn -q -B --no-transfer-progress -Dstyle.color=never -f tools/pgjdbc/pom.xml dependency:copy-dependencies \
+	  -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(PGJDBC_DIR)/libs
+	@touch $@
+
+$(PGJDBC_DIR)/classes/PgjdbcClient.class: tools/pgjdbc/PgjdbcClient.java $(PGJDBC_DIR)/libs/.complete
+	@mkdir -p $(PGJDBC_DIR)/classes
+	javac -Xlint:all -Werror -d $(PGJDBC_DIR)/classes -cp '$(PGJDBC_DIR)/libs/*' $<
+
+.PHONY: pgjdbc
+pgjdbc: $(PGJDBC_DIR)/classes/PgjdbcClient.class ## obtain pgjdbc into .tools/pgjdbc/ and compile the client test's Java program
+
 # psql and pgbench (Debian's postgresql-client) for the wire-protocol client tests.
 .PHONY: pg-client
 pg-client: ## install psql and pgbench from Debian's packages when they are missing
@@ -163,7 +183,7 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
