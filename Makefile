@@ -63,8 +63,7 @@ opa: $(OPA) ## obtain the pinned opa binary into bin/
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tools/kafka/pom.xml)
 KAFKA_LIBS    := .tools/kafka/$(KAFKA_VERSION)/libs
 
-$(KAFKA_LIBS)/.complete: tools/kafka/pom.xml
-	@command -v mvn >/dev/null && command -v java >/dev/null || { echo "kafka: Maven (mvn) and Java 17+ are needed"; exit 1; }
+$(KAFKA_LIBS)/.complete: tools/kafka/pom.xml | jdk
 	@echo "kafka: copying Apache Kafka $(KAFKA_VERSION) and its dependencies from Maven Central into $(KAFKA_LIBS)"
 	@rm -rf $(KAFKA_LIBS)
 	mvn -q -B --no-transfer-progress -Dstyle.color=never -f tools/kafka/pom.xml dependency:copy-dependencies \
@@ -73,6 +72,46 @@ $(KAFKA_LIBS)/.complete: tools/kafka/pom.xml
 
 .PHONY: kafka
 kafka: $(KAFKA_LIBS)/.complete ## obtain the pinned Apache Kafka broker (jars from Maven Central) into .tools/kafka/
+
+# Java 17 and Maven (Debian's packages) for the Kafka broker and the pgjdbc client test.
+.PHONY: jdk
+jdk: ## install a JDK 17 and Maven from Debian's packages when they are missing
+	@command -v javac >/dev/null && command -v mvn >/dev/null || { \
+	  echo "jdk: installing Debian's openjdk-17-jdk-headless and maven"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq openjdk-17-jdk-headless maven; }; }
+	@command -v javac >/dev/null && command -v mvn >/dev/null || { echo "jdk: could not be installed (apt-get install openjdk-17-jdk-headless maven)"; exit 1; }
+
+# PostgreSQL's JDBC driver for the wire-protocol client test: the driver's jar from Maven Central,
+# version pinned in tools/pgjdbc/pom.xml, and tools/pgjdbc/PgjdbcClient.java compiled against it,
+# cached per version in .tools/pgjdbc/<version>/. The test runs `make pgjdbc` too.
+PGJDBC_VERSION := $(shell sed -n 's:.*<pgjdbc.version>\(.*\)</pgjdbc.version>.*:\1:p' tools/pgjdbc/pom.xml)
+PGJDBC_DIR     := .tools/pgjdbc/$(PGJDBC_VERSION)
+
+$(PGJDBC_DIR)/libs/.complete: tools/pgjdbc/pom.xml | jdk
+	@echo "pgjdbc: copying the PostgreSQL JDBC driver $(PGJDBC_VERSION) from Maven Central into $(PGJDBC_DIR)/libs"
+	@rm -rf $(PGJDBC_DIR)/libs
+	mvn -q -B --no-transfer-progress -Dstyle.color=never -f tools/pgjdbc/pom.xml dependency:copy-dependencies \
+	  -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(PGJDBC_DIR)/libs
+	@touch $@
+
+$(PGJDBC_DIR)/classes/PgjdbcClient.class: tools/pgjdbc/PgjdbcClient.java $(PGJDBC_DIR)/libs/.complete
+	@mkdir -p $(PGJDBC_DIR)/classes
+	javac -Xlint:all -Werror -d $(PGJDBC_DIR)/classes -cp '$(PGJDBC_DIR)/libs/*' $<
+
+.PHONY: pgjdbc
+pgjdbc: $(PGJDBC_DIR)/classes/PgjdbcClient.class ## obtain pgjdbc into .tools/pgjdbc/ and compile the client test's Java program
+
+# psql and pgbench (Debian's postgresql-client) for the wire-protocol client tests.
+.PHONY: pg-client
+pg-client: ## install psql and pgbench from Debian's packages when they are missing
+	@psql --version >/dev/null 2>&1 && pgbench --version >/dev/null 2>&1 || { \
+	  echo "pg-client: installing Debian's postgresql-client"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq postgresql-client >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql-client; }; }
+	@psql --version >/dev/null 2>&1 && pgbench --version >/dev/null 2>&1 || { echo "pg-client: could not be installed (apt-get install postgresql-client)"; exit 1; }
 
 # The stamp names the version, so changing KUSTOMIZE_VERSION rebuilds and a second run is instant.
 bin/.kustomize-$(KUSTOMIZE_VERSION):
@@ -144,18 +183,8 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka wrk pgclients lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
-
-# psql and pgbench (Debian's postgresql-client): real clients of the wire protocol's tests.
-.PHONY: pgclients
-pgclients: ## install psql and pgbench from Debian's packages when missing
-	@command -v psql >/dev/null && command -v pgbench >/dev/null || { \
-	  echo "pgclients: installing Debian's postgresql-client"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get install -y -qq postgresql-client >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql-client; }; }
-	@command -v psql >/dev/null && command -v pgbench >/dev/null || { echo "pgclients: could not be installed (apt-get install postgresql-client)"; exit 1; }
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
 .PHONY: wrk

@@ -611,19 +611,22 @@ class Session:
             raise Unavailable("database_unavailable", "the database is unreachable") from exc
         self.backend, self.pool, self.role = conn, pool, role
         setup = []
+        if self.tx is not None:
+            setup.append(self.tx.begin + _read_write(self.tx, auth))
+        elif _writes(auth):
+            setup.append("BEGIN READ WRITE")
+            self.commit_at_sync = True
         applied = {k: v for k, v in self.settings.items() if k not in _NOT_REPLAYED}
         if applied:
             # The session's SETs, on this connection (its reset undoes them when it goes back).
+            # After BEGIN: a query before it in the same Query string would start the implicit
+            # transaction, whose mode BEGIN READ WRITE may then no longer set (25001).
             setup.append("SELECT " + ", ".join(
                 f"pg_catalog.set_config({_literal(k)}, {_literal(v)}, false)"
                 for k, v in applied.items()))
         if self.tx is not None:
-            setup.append(self.tx.begin + _read_write(self.tx, auth))
             setup.extend(self.tx.pending)
             self.tx.pending.clear()
-        elif _writes(auth):
-            setup.append("BEGIN READ WRITE")
-            self.commit_at_sync = True
         # Sent with the statement's own messages, in the same write: no round trip of its own.
         self.setup = "; ".join(setup) or None
         # A read alone on this connection, in a session read only by default, with nothing

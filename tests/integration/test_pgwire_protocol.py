@@ -262,6 +262,21 @@ def test_begin_commit_and_savepoints_with_the_status_they_give(pg, writer, db):
     assert db.fetchval("SELECT status FROM orders WHERE id = 4") == "sp-kept"
 
 
+def test_writes_after_a_session_set_in_a_transaction_and_in_autocommit(pg, writer, db):
+    """The session's SETs are replayed on the connection a write takes, inside its BEGIN: a
+    SET before BEGIN READ WRITE in one Query is a query of its implicit transaction, after
+    which PostgreSQL refuses to change the mode (25001). pgjdbc sends DateStyle, TimeZone and
+    extra_float_digits at startup, so every write of a JDBC client met it."""
+    with connect(pg, writer, "wendy", autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        with conn.transaction():
+            conn.execute("UPDATE orders SET status = 'set-tx' WHERE id = 5")
+            assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
+        conn.execute("UPDATE orders SET status = 'set-auto' WHERE id = 6")
+    assert db.fetchval("SELECT status FROM orders WHERE id = 5") == "set-tx"
+    assert db.fetchval("SELECT status FROM orders WHERE id = 6") == "set-auto"
+
+
 def test_the_blast_radius_rolls_back_inside_a_transaction_too(pg, writer, db):
     before = db.fetchval("SELECT count(*) FROM orders WHERE status = 'blast'")
     with connect(pg, writer, "wendy") as conn:
