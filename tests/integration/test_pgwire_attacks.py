@@ -211,3 +211,20 @@ def test_a_refused_set_role_is_on_record(pg, keys):
         time.sleep(0.05)
     recorded = [e for e in mine if "setting_not_allowed" in json.dumps(e)]
     assert len(recorded) >= 3, [e["type"] for e in mine]
+
+
+def test_rollback_is_still_parsed_in_an_aborted_transaction(pg, keys):
+    """What the fix of Parse in an aborted transaction must keep: ROLLBACK by the extended
+    protocol (asyncpg, JDBC) ends it."""
+    raw = Raw(pg, keys.token("alice", ["analysts"]), "alice")
+    try:
+        raw.send(m.query("BEGIN"))
+        raw.until("Z")
+        raw.send(m.query("SELECT * FROM pg_catalog.pg_authid"))
+        assert raw.until("Z")[-1][1] == b"E"
+        raw.send(m.parse("", "ROLLBACK"), m.bind("", "", (), (), ()), m.execute("", 0),
+                 m.sync())
+        out = raw.until("Z")
+        assert not errors(out) and out[-1][1] == b"I", out
+    finally:
+        raw.close()
