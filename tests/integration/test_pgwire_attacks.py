@@ -155,7 +155,7 @@ def test_a_client_that_stops_reading_cannot_hold_a_transaction_past_its_timeout(
         completed, ended = 0, False
         try:
             while completed < count:
-                kind, payload = raw.recv()
+                kind, _ = raw.recv()
                 if kind == "C":
                     completed += 1
                 if kind == "E":
