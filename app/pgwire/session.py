@@ -225,12 +225,15 @@ class Session:
         self.started = True
         try:
             while True:
-                await self._flush()
                 try:
                     if self.tx is not None or self.backend is not None:
+                        # A client that stops reading holds the connection as surely as
+                        # one that stops writing: the write is bounded too.
                         async with asyncio.timeout(idle):
+                            await self._flush()
                             kind, payload = await m.read_message(self.reader, limit)
                     else:
+                        await self._flush()
                         kind, payload = await m.read_message(self.reader, limit)
                 except TimeoutError:
                     self.out.append(m.error_response(m.error_fields(
@@ -243,7 +246,8 @@ class Session:
                 await self._dispatch(message)
         finally:
             with contextlib.suppress(Exception):
-                await self._flush()
+                async with asyncio.timeout(idle):
+                    await self._flush()
 
     async def close(self) -> None:
         """Give back (or drop) the connection the session holds; the end on record."""
@@ -461,7 +465,11 @@ class Session:
         local = None
         if reading.statements and reading.statements[0].kind in _LOCAL:
             local = reading.statements[0]
-        elif reading.statements:
+        if reading.statements and self.tx is not None and self.tx.aborted and \
+                not _ends_transaction(local):
+            # As PostgreSQL: only what ends the transaction is parsed in an aborted one.
+            raise _aborted()
+        if local is None and reading.statements:
             # What PostgreSQL refuses at Parse (an unknown table or column) is refused here
             # too; the decision waits for Bind, when the parameters are known.
             await self._facts(message.sql)
@@ -515,6 +523,9 @@ class Session:
             self.out.append(m.parameter_description(statement.oids))
             self.out.append(_local_description(statement.local))
             return
+        if self.tx is not None and self.tx.aborted:
+            # Described on the transaction's connection: nothing may reach it now.
+            raise _aborted()
         await self._describe_statement(statement)
 
     async def _execute(self, message: m.Execute) -> None:
@@ -1039,6 +1050,10 @@ class Session:
                             message="prepared transactions are not supported by the gateway")
 
     async def _end_transaction(self, end: str, quiet: bool = False) -> None:
+        # A transaction's portals end with it, as in PostgreSQL.
+        for portal in self.portals.values():
+            self._end_portal(portal)
+        self.portals.clear()
         if self.backend is None:
             if not quiet:
                 self.out.append(m.command_complete(end))
