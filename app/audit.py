@@ -1483,6 +1483,12 @@ class RequestAudit:
         await self.log.record(self._event("session", session={"step": step, **detail}),
                               gate=False)
 
+    def session_command(self, command: str) -> None:
+        """A statement the session answered itself, by its first word: queued, not awaited
+        (its refusals are decisions, awaited as every refusal is)."""
+        self.log.record_nowait(self._event("session", session={"step": "command",
+                                                                "command": command}))
+
     async def admin(self, action: str, outcome: str, detail: Mapping[str, Any] | None = None,
                     code: str | None = None) -> None:
         """An administrative action (catalog refresh or listing), allowed or refused."""

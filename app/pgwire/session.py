@@ -455,6 +455,15 @@ class Session:
             raise
 
     async def _parse(self, message: m.Parse) -> None:
+        # Parse reads the text (and its facts) and may write a refusal: under the caller's
+        # rate, as every request is.
+        try:
+            pipeline.admit(self.gateway, self.identity)
+        except GatewayError as exc:
+            audit, _, _ = self._request("extended")
+            audit.sql = message.sql
+            await audit.refused(exc)
+            raise
         if message.name and message.name in self.statements:
             raise WireError("duplicate_statement", sqlstate="42P05",
                             message=f"prepared statement {message.name!r} already exists")
@@ -976,6 +985,18 @@ class Session:
     # -- what the session answers itself -------------------------------------------------------
 
     async def _local(self, statement: _Prepared, describe: bool) -> None:
+        """A statement the session answers itself, under the caller's rate like any other; a
+        refusal is on record as a decision (by the gateway), what it did as a ``session``
+        event naming the command (never a value)."""
+        audit, budget, _ = self._request("simple" if describe else "extended")
+        audit.sql = statement.sql
+        async with pipeline.guard(audit, budget):
+            pipeline.admit(self.gateway, self.identity)
+            await self._answer_local(statement, describe)
+        command = " ".join(statement.sql.split()[:1]).upper()
+        audit.session_command(command)
+
+    async def _answer_local(self, statement: _Prepared, describe: bool) -> None:
         node = statement.local
         assert node is not None
         tree = grammar.statement_tree(statement.sql)
