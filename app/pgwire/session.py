@@ -144,7 +144,6 @@ class _Prepared:
     sql: str
     oids: tuple[int, ...]
     local: grammar.PgStatement | None  # SET, SHOW, BEGIN, …: the session answers them
-    facts: Any = None
 
 
 @dataclass(slots=True)
