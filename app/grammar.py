@@ -121,8 +121,14 @@ class PgReading:
 # --- reading ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def read(sql: str, max_bytes: int | None = None) -> PgReading:
-    """PostgreSQL's reading of ``sql``, or a GatewayError when PostgreSQL cannot read it."""
+    """PostgreSQL's reading of ``sql``, or a GatewayError when PostgreSQL cannot read it.
+
+    A pure function of the text, answered from a bounded cache: the wire protocol reads a
+    statement at every Parse, and clients parse the same few texts again and again (an
+    error is not cached; it is raised again).
+    """
     _, tokens, tree = _parse(sql, max_bytes)
     return PgReading(tuple(_statement(s) for s in tree.get("stmts", ())), tokens)
 

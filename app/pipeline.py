@@ -401,7 +401,9 @@ class Authorized:
     max_rows_affected: int | None
     # A read's decision, still being written while it runs (``authorize(overlap_reads=
     # True)``): nothing of its answer may reach the client before it is done; ``finished``
-    # awaits it. None: durable before ``authorize`` returned.
+    # awaits it, with the outcome's (one fsync for both; awaiting it wakes the writer, so
+    # a front end that must answer earlier may await it alone). None: durable before
+    # ``authorize`` returned.
     durable: Awaitable[None] | None = None
 
 
@@ -429,7 +431,7 @@ async def authorize(
     """
     try:
         ready = await _authorize(gateway, audit, identity, statement, meta, True,
-                                 overlap=overlap_reads, wake=True)
+                                 overlap=overlap_reads)
         if not isinstance(ready, Held) and ready.decision_durable is not None:
             # A read: it may run while its decision is written, but not on a cached
             # decision whose bundle is no longer active.
@@ -437,7 +439,7 @@ async def authorize(
     except _Stale:
         _restart(audit, meta)
         ready = await _authorize(gateway, audit, identity, statement, meta, False,
-                                 overlap=overlap_reads, wake=True)
+                                 overlap=overlap_reads)
     if isinstance(ready, Held):
         return ready
     decision = ready.ev.decision
@@ -494,7 +496,7 @@ def _restart(audit: RequestAudit, meta: Meta) -> None:
 
 async def _authorize(
     gateway: Gateway, audit: RequestAudit, identity: Identity, statement: Statement, meta: Meta,
-    speculate: bool, *, overlap: bool, wake: bool = False,
+    speculate: bool, *, overlap: bool,
 ) -> _Ready | Held:
     settings = gateway.settings
     budget = meta.budget
@@ -539,7 +541,7 @@ async def _authorize(
     read = overlap and _is_read(facts, statement, meta)
     # A read's decision is not synced on its own: it goes with the outcome's (one fsync
     # for both), or with whatever another request appends first.
-    sealed = audit.decided("allow", gate=True, wake=wake or not read)
+    sealed = audit.decided("allow", gate=True, wake=not read)
     decision_durable: Awaitable[None] | None = sealed
     if not read:
         # Nothing runs before both: the probe confirming a cached allow and the fsync of

@@ -144,6 +144,7 @@ class _Prepared:
     sql: str
     oids: tuple[int, ...]
     local: grammar.PgStatement | None  # SET, SHOW, BEGIN, …: the session answers them
+    empty: bool = False  # no statement at all (only comments, or nothing)
 
 
 @dataclass(slots=True)
@@ -481,7 +482,8 @@ class Session:
             # What PostgreSQL refuses at Parse (an unknown table or column) is refused here
             # too; the decision waits for Bind, when the parameters are known.
             await self._facts(message.sql)
-        self.statements[message.name] = _Prepared(message.sql, message.param_oids, local)
+        self.statements[message.name] = _Prepared(message.sql, message.param_oids, local,
+                                                  not reading.statements)
         self.out.append(m.parse_complete())
 
     async def _bind(self, message: m.Bind) -> None:
@@ -500,7 +502,7 @@ class Session:
         ):
             raise _aborted()
         portal = _Portal(statement, message.result_formats, message.params, message.portal)
-        if statement.local is None and grammar.read(statement.sql).statements:
+        if statement.local is None and not statement.empty:
             params = _params_for_policy(message.param_formats, message.params)
             portal.audit, portal.budget, portal.auth = await self._authorize(
                 statement.sql, params, "extended")
@@ -527,7 +529,7 @@ class Session:
         if statement is None:
             raise WireError("unknown_statement", sqlstate="26000",
                             message=f"prepared statement {message.name!r} does not exist")
-        if statement.local is not None or not grammar.read(statement.sql).statements:
+        if statement.local is not None or statement.empty:
             self.out.append(m.parameter_description(statement.oids))
             self.out.append(_local_description(statement.local))
             return
