@@ -456,6 +456,7 @@ async def finished(
     ``decision_durable`` (``Authorized.durable``), once both are durable (a spool that
     cannot make the decision so raises, and the answer must not be given)."""
     if decision_durable is not None:
+        # The outcome first: its append wakes the writer, which syncs both in one batch.
         outcome: Awaitable[None] | None = None
         try:
             outcome = audit.executed(outcome="ok", rows_returned=rows_returned,
@@ -612,27 +613,11 @@ async def _query(
         _record_times(audit.clock, started, masking_s)
     if decision_durable is not None:
         await _confirmed(ev, audit, decision_durable)
-        # The outcome first: its append wakes the writer, which syncs both in one batch.
         # A read answers only once its decision is durable; a spool that cannot make it so
         # fails the request, and no row is returned.
-        outcome: Awaitable[None] | None = None
-        try:
-            outcome = audit.executed(
-                outcome="ok", rows_returned=len(result.rows),
-                rows_affected=result.rows_affected, truncated=result.truncated,
-                masked=result.masked,
-            )
-        except GatewayError:
-            log.error("the outcome of request %s could not be audited", meta.request_id)
-        try:
-            await decision_durable
-        finally:
-            if outcome is not None:
-                try:
-                    await outcome
-                except GatewayError:
-                    log.error("the outcome of request %s could not be audited",
-                              meta.request_id)
+        await finished(gateway, audit, facts, rows_returned=len(result.rows),
+                       rows_affected=result.rows_affected, truncated=result.truncated,
+                       masked=result.masked, decision_durable=decision_durable)
         return Rows(enforced, result, notices(facts, enforced))
     await finished(gateway, audit, facts, rows_returned=len(result.rows),
                    rows_affected=result.rows_affected, truncated=result.truncated,

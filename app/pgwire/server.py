@@ -33,7 +33,7 @@ from app.identity import Identity
 from app.ids import new_id
 from app.metrics import StageClock
 from app.pgwire import messages as m
-from app.pgwire.backend import BackendParams, BackendPool
+from app.pgwire.backend import BackendConnection, BackendParams, BackendPool
 from app.pgwire.session import REPORTED, SETTABLE, Session, WireError, error_message
 
 log = logging.getLogger("querygate.pgwire")
@@ -114,6 +114,18 @@ class PgServer:
                 pool = BackendPool(params, max_size=self.settings.profile_pool_max)
                 self._pools[role] = pool
         return pool
+
+    async def checkout(self, role: str) -> tuple[BackendPool, BackendConnection]:
+        """A connection as profile ``role``, within QUERYGATE_POOL_ACQUIRE_TIMEOUT_MS."""
+        pool = await self.pool(role)
+        try:
+            conn = await pool.checkout(timeout=self.settings.pool_acquire_timeout_ms / 1000)
+        except TimeoutError:
+            raise Unavailable("pool_exhausted", "no database connection came free in time"
+                              ) from None
+        except (OSError, ConnectionError) as exc:
+            raise Unavailable("database_unavailable", "the database is unreachable") from exc
+        return pool, conn
 
     async def type_name(self, oid: int) -> str:
         """pg_type's name of a type (for the facts' cross-check), read once, again on a miss."""

@@ -621,15 +621,7 @@ class Session:
                     decision_id=auth.decision.id,
                 )
             return self.backend
-        pool = await self.server.pool(role)
-        settings = self.gateway.settings
-        try:
-            conn = await pool.checkout(timeout=settings.pool_acquire_timeout_ms / 1000)
-        except TimeoutError:
-            raise Unavailable("pool_exhausted", "no database connection came free in time"
-                              ) from None
-        except (OSError, ConnectionError) as exc:
-            raise Unavailable("database_unavailable", "the database is unreachable") from exc
+        pool, conn = await self.server.checkout(role)
         self.backend, self.pool, self.role = conn, pool, role
         setup = []
         if self.tx is not None:
@@ -769,12 +761,7 @@ class Session:
                                 "profile than the statements before it in this transaction")
             await self._describe_on(self.backend, statement, target, ev.facts, rules)
             return
-        pool = await self.server.pool(target.profile)
-        try:
-            conn = await pool.checkout(timeout=gateway.settings.pool_acquire_timeout_ms / 1000)
-        except TimeoutError:
-            raise Unavailable("pool_exhausted", "no database connection came free in time"
-                              ) from None
+        pool, conn = await self.server.checkout(target.profile)
         try:
             await self._describe_on(conn, statement, target, ev.facts, rules)
         finally:

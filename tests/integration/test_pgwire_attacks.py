@@ -108,15 +108,21 @@ def test_rollback_to_a_savepoint_cannot_clear_a_gateway_refusal(pg, keys, db):
     assert db.fetchval("SELECT status FROM orders WHERE id = 7") == "before-review"
 
 
+def aborted(pg: Any, keys: Any) -> Raw:
+    """alice's session in a transaction a gateway refusal aborted (status E)."""
+    raw = Raw(pg, keys.token("alice", ["analysts"]), "alice")
+    raw.send(m.query("BEGIN"))
+    raw.until("Z")
+    raw.send(m.query("SELECT * FROM pg_catalog.pg_authid"))
+    assert raw.until("Z")[-1][1] == b"E"
+    return raw
+
+
 def test_parse_and_describe_in_an_aborted_transaction_are_refused(pg, keys):
     """PostgreSQL answers every message but ROLLBACK with 25P02 in an aborted transaction;
     the gateway parsed, decided (an `explain` on record) and described on the connection."""
-    raw = Raw(pg, keys.token("alice", ["analysts"]), "alice")
+    raw = aborted(pg, keys)
     try:
-        raw.send(m.query("BEGIN"))
-        raw.until("Z")
-        raw.send(m.query("SELECT * FROM pg_catalog.pg_authid"))
-        assert raw.until("Z")[-1][1] == b"E"
         raw.send(m.parse("q", "SELECT email FROM customers"), m.describe("S", "q"), m.sync())
         out = raw.until("Z")
         assert errors(out) == ["25P02"], kinds(out)
@@ -216,12 +222,8 @@ def test_a_refused_set_role_is_on_record(pg, keys):
 def test_rollback_is_still_parsed_in_an_aborted_transaction(pg, keys):
     """What the fix of Parse in an aborted transaction must keep: ROLLBACK by the extended
     protocol (asyncpg, JDBC) ends it."""
-    raw = Raw(pg, keys.token("alice", ["analysts"]), "alice")
+    raw = aborted(pg, keys)
     try:
-        raw.send(m.query("BEGIN"))
-        raw.until("Z")
-        raw.send(m.query("SELECT * FROM pg_catalog.pg_authid"))
-        assert raw.until("Z")[-1][1] == b"E"
         raw.send(m.parse("", "ROLLBACK"), m.bind("", "", (), (), ()), m.execute("", 0),
                  m.sync())
         out = raw.until("Z")
