@@ -48,6 +48,7 @@ from app.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    GatewayTimeout,
     Unavailable,
 )
 from app.executor import Target, cross_check
@@ -276,6 +277,24 @@ class Session:
         await self.writer.drain()
 
     async def _dispatch(self, message: m.FrontendMessage) -> None:
+        """Answer one message, within a bound: every wait on PostgreSQL (a statement has its
+        own, tighter deadline; a COMMIT, a Describe, a SET's check) ends by the stream
+        deadline. Past it the connection's state is unknown: it is dropped."""
+        try:
+            async with asyncio.timeout(self.gateway.settings.stream_timeout_s + 1.0):
+                await self._handle(message)
+        except TimeoutError:
+            if self.backend is not None:
+                self.backend.terminate()
+                await self._release(drop=True)
+            self._error(GatewayTimeout("request_timeout", "the database did not answer in time "
+                                       "(QUERYGATE_STREAM_TIMEOUT_MS)"))
+            if isinstance(message, (m.Query, m.Sync)):
+                self.out.append(m.ready_for_query(self._status()))
+            else:
+                self.skipping = True
+
+    async def _handle(self, message: m.FrontendMessage) -> None:
         if isinstance(message, m.Query):
             await self._simple(message.sql)
             self.out.append(m.ready_for_query(self._status()))
