@@ -127,6 +127,9 @@ class QueryFacts:
     # Reads only system catalogs (app/introspection.py): its relations and functions come
     # from PostgreSQL's parse tree; no column of it is the resolver's, none is masked.
     introspection: bool = False
+    # The parameters (numbers) a catalog query's ``current_setting`` reads: each value is
+    # checked against the readable settings once bound (introspection.check_setting_parameters).
+    setting_params: tuple[int, ...] = ()
     _input: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_input(self) -> dict[str, Any]:
@@ -1192,13 +1195,14 @@ def _introspection(sql: str, catalog: Catalog) -> QueryFacts | None:
     if tables is None:
         return None
     names = introspection.functions(tree)
+    settings = introspection.setting_reads(tree)  # checks every current_setting call
     for name in names:
-        if not introspection.DECOMPILERS.match(name):
+        if not introspection.DECOMPILERS.match(name) and name != introspection.SETTING_READER:
             check_function(name)
     return QueryFacts(
         fingerprint=_fingerprint(sql), kind="select", tables_read=tables, functions=names,
         param_count=introspection.parameters(tree), catalog_version=catalog.version,
-        introspection=True,
+        introspection=True, setting_params=settings,
     )
 
 

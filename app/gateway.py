@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import orjson
 
-from app import grammar, policy
+from app import grammar, introspection, policy
 from app import profiles as masking_profiles
 from app.approvals import ApprovalStore, Notifier
 from app.audit import AuditLog
@@ -256,7 +256,13 @@ class Gateway:
             spec = ProfileSpec.of(masks, decision.db_role)
             self._check_only(spec, sql, decision)
             profile = await self.profiles.get(spec, catalog)
-        text = grammar.rewrite_schemas(sql, profile.schema_map) if profile.schema_map else sql
+        if facts.introspection:
+            # The catalogs as the profile's role may see them (app/introspection.py).
+            text = grammar.rewrite_catalog(sql, introspection.CATALOG_SCHEMA)
+        elif profile.schema_map:
+            text = grammar.rewrite_schemas(sql, profile.schema_map)
+        else:
+            text = sql
         enforced = dataclasses.replace(decision, masks=masks)
         return Target(profile.pool, text, None, frozenset(masks), profile=spec.role), enforced
 

@@ -700,6 +700,46 @@ def _rewrite(sql: str, items: tuple[tuple[str, str], ...]) -> str:
     return text
 
 
+def rewrite_catalog(sql: str, target: str) -> str:
+    """A catalog query (app/introspection.py) pointed at ``target``'s views of the catalogs.
+
+    Every ``pg_catalog`` qualifier (of a relation or a three-part column reference) becomes
+    ``target``, and an unqualified relation (a ``pg_…`` name, which ``pg_catalog`` holds) is
+    qualified with it. Read back, every relation must be ``target``'s or information_schema's.
+    """
+    return _rewrite_catalog(sql, target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rewrite_catalog(sql: str, target: str) -> str:
+    _check_schema_name(target)
+    raw, tokens, tree = _parse(sql, None)
+    by_start = {t.start: t for t in tokens}
+    starts: set[int] = set()
+    for node in walk(tree):
+        if "relpersistence" in node and "relname" in node and node.get("schemaname") is None:
+            token = by_start.get(node.get("location", -1))
+            if token is None or _identifier(raw[token.start:token.end].decode("utf-8")) != (
+                node["relname"]
+            ):
+                _mismatch("a relation name is not where PostgreSQL reports it")
+            starts.add(token.start)
+    parts: list[bytes] = []
+    position = 0
+    for start in sorted(starts):
+        parts += [raw[position:start], (_quote(target) + ".").encode("utf-8")]
+        position = start
+    parts.append(raw[position:])
+    text = rewrite_schemas(b"".join(parts).decode("utf-8"), {"pg_catalog": target})
+    _, _, again = _parse(text, None)
+    for node in walk(again):
+        if "relpersistence" in node and "relname" in node and node.get("schemaname") not in (
+            target, "information_schema"
+        ):
+            raise RuntimeError("rewrite_catalog: a relation is not pointed at the catalog views")
+    return text
+
+
 def only_relations(sql: str) -> list[str]:
     """The relation references written with ``ONLY`` (no inheritance children), as written.
 

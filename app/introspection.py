@@ -24,12 +24,37 @@ comes first on every search path the gateway sets, so a name it holds resolves t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from app import grammar
 from app.errors import Forbidden
 
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+# Parameters a client may SET (and give in its startup packet, docs/pgwire.md), by their
+# lower-case name. Nothing that changes what a statement reads (search_path, role,
+# session_authorization) or how the gateway's checks read it (standard_conforming_strings),
+# nor a limit it sets for itself above the gateway's (statement_timeout is checked).
+SETTABLE: frozenset[str] = frozenset({
+    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
+    "extra_float_digits", "bytea_output", "statement_timeout", "lock_timeout",
+    "client_min_messages", "lc_monetary", "lc_numeric", "lc_time", "jit",
+    "default_transaction_isolation", "idle_in_transaction_session_timeout",
+})
+# What SHOW, and ``current_setting`` in a catalog query, may read besides those: facts about
+# the server and the session's own settings, never about other sessions, files or the
+# gateway's context.
+READABLE_SETTINGS: frozenset[str] = SETTABLE | frozenset({
+    "server_version", "server_version_num", "server_encoding", "integer_datetimes",
+    "max_identifier_length", "standard_conforming_strings", "transaction_isolation",
+    "transaction_read_only", "default_transaction_read_only", "lc_collate", "lc_ctype",
+    "is_superuser", "search_path", "max_connections", "block_size", "in_hot_standby",
+    "default_table_access_method",
+})
+# The one settings reader a catalog query may call (SQLAlchemy's reflection compares a
+# table's access method with ``current_setting('default_table_access_method')``).
+SETTING_READER = "current_setting"
 
 # Never readable through the gateway.
 NEVER = re.compile(
@@ -74,12 +99,14 @@ def relations(tree: dict[str, Any]) -> tuple[str, ...] | None:
         found.add(f"{schema}.{relname}")
     if not found:
         return None
-    never = sorted(r for r in found if NEVER.match(r))
+    never = sorted(r for r in found if NEVER.match(r) or (
+        r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS))
     if never:
         raise Forbidden(
             "catalog_relation_denied",
-            "these system catalogs hold values, credentials or other sessions' activity and "
-            "are never read through the gateway: " + ", ".join(never),
+            "these system catalogs hold values, credentials or other sessions' activity, or "
+            "have no view of what the caller may see, and are never read through the "
+            "gateway: " + ", ".join(never),
             tables=never,
         )
     return tuple(sorted(found))
@@ -99,6 +126,202 @@ def functions(tree: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def setting_reads(tree: dict[str, Any]) -> tuple[int, ...]:
+    """Check every ``current_setting`` call: its name a readable setting (a literal in
+    ``READABLE_SETTINGS``) or a parameter, whose number is returned for the value bound to
+    it to be checked the same way (``check_setting_parameters``). Anything else, a name
+    computed by an expression or a second ``missing_ok`` argument included, is refused:
+    the gateway must know which setting is read before it runs."""
+    numbers: set[int] = set()
+    for node in grammar.walk(tree):
+        call = node.get("FuncCall")
+        if call is None:
+            continue
+        parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", ())]
+        if parts[-1].lower() != SETTING_READER or parts[:-1] not in ([], ["pg_catalog"]):
+            continue
+        args = call.get("args", ())
+        arg = args[0] if len(args) == 1 else {}
+        # ``$1::varchar`` (SQLAlchemy binds it so): a cast to a string type keeps the name
+        # (without a length, which would cut it to another one).
+        cast = arg.get("TypeCast")
+        if (cast is not None and _type_name(cast) in _STRING_TYPES
+                and not cast.get("typeName", {}).get("typmods")):
+            arg = cast.get("arg", {})
+        name = arg.get("A_Const", {}).get("sval", {}).get("sval")
+        if isinstance(name, str) and name.lower() in READABLE_SETTINGS:
+            continue
+        number = arg.get("ParamRef", {}).get("number")
+        if number is None:
+            raise _setting_refused()
+        numbers.add(int(number))
+    return tuple(sorted(numbers))
+
+
+_STRING_TYPES = frozenset({"text", "varchar", "name"})
+
+
+def _type_name(cast: dict[str, Any]) -> str:
+    names = [n.get("String", {}).get("sval", "")
+             for n in cast.get("typeName", {}).get("names", ())]
+    if (len(names) == 2 and names[0] == "pg_catalog") or len(names) == 1:
+        return str(names[-1]).lower()
+    return ""
+
+
+def check_setting_parameters(numbers: tuple[int, ...], params: Sequence[Any]) -> None:
+    """Refuse unless each parameter ``current_setting`` reads names a readable setting.
+
+    A NULL reads nothing. A binary parameter is recorded as ``\\x`` and its bytes' hex (text's binary form is
+    its UTF-8 bytes); a text one that merely looks so is not a setting name either way.
+    """
+    for number in numbers:
+        if not 0 < number <= len(params):
+            raise _setting_refused()
+        value = params[number - 1]
+        if value is None:
+            continue  # current_setting(NULL) is NULL (and a Describe binds no values)
+        if isinstance(value, str) and value.startswith("\\x"):
+            try:
+                value = bytes.fromhex(value[2:]).decode()
+            except ValueError:
+                pass
+        if not isinstance(value, str) or value.lower() not in READABLE_SETTINGS:
+            raise _setting_refused()
+
+
+def _setting_refused() -> Forbidden:
+    return Forbidden(
+        "function_denied",
+        "current_setting reads only the settings SHOW may read (docs/pgwire.md), named by "
+        "a literal or a parameter",
+        function=SETTING_READER,
+    )
+
+
 def parameters(tree: dict[str, Any]) -> int:
     return max((int(n["ParamRef"].get("number", 0)) for n in grammar.walk(tree)
                 if "ParamRef" in n), default=0)
+
+
+# --- what the caller may see of the catalogs ---------------------------------------------
+# PostgreSQL lets every role read every row of pg_class, pg_attribute, pg_proc…: the names,
+# columns, definitions and comments of every table, whatever its privileges. A catalog query
+# through the gateway reads views of them instead, in ``querygate_catalog``, that keep the
+# rows of the system schemas and of what the session's role (the caller's masking profile)
+# holds a privilege on: PostgreSQL filters, the gateway only points the names there
+# (``grammar.rewrite_catalog``). The views are security barriers, so no condition of the
+# caller's runs on a row they drop. information_schema filters by privilege itself.
+
+CATALOG_SCHEMA = "querygate_catalog"
+
+# A relation of the catalogs is visible when it is the system's, or in a schema the role may
+# use and the role may use it too (an index: its table; a sequence: USAGE, SELECT or
+# UPDATE). SQL-standard bodies: bound when created, never by the caller's search_path.
+_RELATION_VISIBLE = f"""
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.namespace_visible(nsp oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_namespace n
+    WHERE n.oid = nsp AND (
+        n.nspname IN ('pg_catalog', 'information_schema')
+        OR (n.nspname NOT LIKE 'querygate\\_%' AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'))
+    ));
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.relation_visible(rel oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class c
+    WHERE c.oid = rel AND (
+        c.relnamespace IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+        OR {CATALOG_SCHEMA}.namespace_visible(c.relnamespace) AND (
+           (c.relkind IN ('r', 'v', 'm', 'p', 'f') AND pg_catalog.has_table_privilege(
+            c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER'))
+        OR (c.relkind = 'S' AND pg_catalog.has_sequence_privilege(c.oid, 'USAGE, SELECT, UPDATE'))
+        OR (c.relkind IN ('i', 'I') AND EXISTS (
+            SELECT 1 FROM pg_catalog.pg_index i WHERE i.indexrelid = c.oid
+              AND pg_catalog.has_table_privilege(
+                  i.indrelid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER'))))
+    ));
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.named_visible(nsp name, rel name) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = nsp AND c.relname = rel AND {CATALOG_SCHEMA}.relation_visible(c.oid));
+"""
+
+_V = f"{CATALOG_SCHEMA}.relation_visible"
+_N = f"{CATALOG_SCHEMA}.namespace_visible"
+_CLASS = "'pg_catalog.pg_class'::regclass"
+
+# Every pg_catalog relation a catalog query may name, with the condition that keeps a row
+# (None: every row; what it holds is not about the caller's objects). Policy's list
+# (``catalog.relations``) can only narrow this one: a relation not here has no view, and a
+# query naming it is refused (``catalog_relation_denied``).
+CATALOG_VIEWS: dict[str, str | None] = {
+    "pg_aggregate": None, "pg_am": None, "pg_cast": None, "pg_collation": None,
+    "pg_event_trigger": None, "pg_extension": None, "pg_language": None, "pg_opclass": None,
+    "pg_operator": None, "pg_publication": None, "pg_range": None, "pg_tablespace": None,
+    "pg_sequences": None,  # PostgreSQL shows the sequences the role has privileges on
+    "pg_class": f"{_V}(oid)",
+    "pg_namespace": f"{_N}(oid)",
+    "pg_attribute": f"{_V}(attrelid)",
+    "pg_attrdef": f"{_V}(adrelid)",
+    "pg_constraint": f"(conrelid = 0 AND {_N}(connamespace)) OR {_V}(conrelid)",
+    "pg_index": f"{_V}(indrelid)",
+    "pg_inherits": f"{_V}(inhrelid) AND {_V}(inhparent)",
+    "pg_trigger": f"{_V}(tgrelid)",
+    "pg_rewrite": f"{_V}(ev_class)",
+    "pg_policy": f"{_V}(polrelid)",
+    "pg_statistic_ext": f"{_V}(stxrelid)",
+    "pg_sequence": f"{_V}(seqrelid)",
+    "pg_partitioned_table": f"{_V}(partrelid)",
+    "pg_foreign_table": f"{_V}(ftrelid)",
+    "pg_publication_rel": f"{_V}(prrelid)",
+    "pg_publication_namespace": f"{_N}(pnnspid)",
+    "pg_depend": f"(classid <> {_CLASS} OR {_V}(objid)) "
+                 f"AND (refclassid <> {_CLASS} OR {_V}(refobjid))",
+    "pg_description": f"classoid <> {_CLASS} OR {_V}(objoid)",
+    "pg_proc": f"{_N}(pronamespace)",
+    "pg_type": f"{_N}(typnamespace) AND (typrelid = 0 OR {_V}(typrelid))",
+    "pg_enum": f"EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid = enumtypid "
+               f"AND {_N}(t.typnamespace))",
+    "pg_roles": "pg_catalog.pg_has_role(oid, 'MEMBER')",
+    "pg_database": "datname = pg_catalog.current_database()",
+    "pg_tables": f"{CATALOG_SCHEMA}.named_visible(schemaname, tablename)",
+    "pg_views": f"{CATALOG_SCHEMA}.named_visible(schemaname, viewname)",
+    "pg_matviews": f"{CATALOG_SCHEMA}.named_visible(schemaname, matviewname)",
+    "pg_indexes": f"{CATALOG_SCHEMA}.named_visible(schemaname, indexname)",
+    "pg_policies": f"{CATALOG_SCHEMA}.named_visible(schemaname, tablename)",
+}
+
+
+# The columns of each catalog relation, as this server has them: a view cannot hold a
+# pseudo-type column (pg_attribute.attmissingval is anyarray: a value, which it drops).
+CATALOG_COLUMNS_SQL = """
+SELECT c.relname, array_agg(a.attname::text ORDER BY a.attnum) AS columns
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relname = ANY($1::text[])
+  AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype <> 'p'
+GROUP BY c.relname
+"""
+
+
+def catalog_views_sql(columns: dict[str, list[str]]) -> str:
+    """The statements that (re)create ``querygate_catalog``: its functions, then a view per
+    relation of ``CATALOG_VIEWS`` this server has (``columns``: ``CATALOG_COLUMNS_SQL``'s),
+    its rows filtered."""
+    parts = [_RELATION_VISIBLE]
+    for name, keep in sorted(CATALOG_VIEWS.items()):
+        if name not in columns:
+            continue  # not in this PostgreSQL version: a query naming it fails there
+        where = f" WHERE {keep}" if keep else ""
+        listed = ", ".join('"' + c.replace('"', '""') + '"' for c in columns[name])
+        parts.append(
+            f"CREATE VIEW {CATALOG_SCHEMA}.{name} WITH (security_barrier) AS "
+            f"SELECT {listed} FROM pg_catalog.{name}{where};"
+        )
+    parts.append(f"GRANT USAGE ON SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
+    parts.append(f"GRANT SELECT ON ALL TABLES IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
+    parts.append(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
+    return "\n".join(parts)

@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app import masking, policy
+from app import introspection, masking, policy
 from app.approvals import Approval
 from app.audit import RequestAudit
 from app.config import Settings
@@ -252,6 +252,8 @@ async def evaluate(
             f"the statement uses {facts.param_count} parameters; {len(statement.params)} "
             "were given",
         )
+    if facts.setting_params:
+        introspection.check_setting_parameters(facts.setting_params, statement.params)
     approval = None
     if statement.approval_id is not None:
         # Bound to requester, SQL text, parameters and environment, or refused here.

@@ -46,6 +46,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from app import introspection
 from app.catalog import Catalog, Relation
 from app.errors import Unavailable
 
@@ -252,6 +253,28 @@ CREATE TABLE IF NOT EXISTS querygate_internal.profiles (
 """
 
 
+async def _catalog_views(conn: asyncpg.Connection) -> None:
+    """Create ``querygate_catalog`` (app/introspection.py) as the views' owner, again when
+    its definitions or the catalogs' columns (they follow the major version) changed: the
+    schema's comment holds their digest."""
+    columns = {r["relname"]: list(r["columns"]) for r in await conn.fetch(
+        introspection.CATALOG_COLUMNS_SQL, sorted(introspection.CATALOG_VIEWS))}
+    sql = introspection.catalog_views_sql(columns)
+    digest = hashlib.sha256(sql.encode()).hexdigest()[:32]
+    schema = quote_ident(introspection.CATALOG_SCHEMA)
+    current = await conn.fetchval(
+        "SELECT obj_description(oid, 'pg_namespace') FROM pg_catalog.pg_namespace "
+        "WHERE nspname = $1", introspection.CATALOG_SCHEMA)
+    if current == digest:
+        return
+    await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
+    await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    await conn.execute(sql)
+    await conn.execute(f"COMMENT ON SCHEMA {schema} IS {quote_literal(digest)}")
+    await conn.execute("RESET ROLE")
+
+
 class Profiles:
     """Creates, syncs and pools masking profiles on demand (one per distinct spec)."""
 
@@ -290,6 +313,7 @@ class Profiles:
             # safe against a concurrent create, so this runs under the approvals' migration lock.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('querygate.migrate'))")
             await conn.execute(INTERNAL_SQL)
+            await _catalog_views(conn)
 
     # -- passwords
     def password(self, role: str) -> str:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import postgast
 
-from app import dberrors, grammar, masking, pipeline
+from app import dberrors, grammar, introspection, masking, pipeline
 from app.audit import RequestAudit
 from app.errors import (
     BadRequest,
@@ -72,23 +72,10 @@ _D, _T, _n, _C, _s, _E, _N, _Z, _t, _ONE, _TWO, _THREE = (
 )
 TEXT_OID = 25
 
-# Parameters a client may SET (and give in its startup packet), by their lower-case name.
-# Nothing that changes what a statement reads (search_path, role, session_authorization) or
-# how the gateway's checks read it (standard_conforming_strings), nor a limit it sets for
-# itself above the gateway's (statement_timeout is checked against it).
-SETTABLE: frozenset[str] = frozenset({
-    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
-    "extra_float_digits", "bytea_output", "statement_timeout", "lock_timeout",
-    "client_min_messages", "lc_monetary", "lc_numeric", "lc_time", "jit",
-    "default_transaction_isolation", "idle_in_transaction_session_timeout",
-})
-# What SHOW may read besides those: facts about the server, never about other sessions.
-SHOWABLE: frozenset[str] = SETTABLE | frozenset({
-    "server_version", "server_version_num", "server_encoding", "integer_datetimes",
-    "max_identifier_length", "standard_conforming_strings", "transaction_isolation",
-    "transaction_read_only", "default_transaction_read_only", "lc_collate", "lc_ctype",
-    "is_superuser", "search_path", "max_connections", "block_size", "in_hot_standby",
-})
+# Parameters a client may SET, and what SHOW may read (app/introspection.py, where
+# ``current_setting`` in a catalog query is held to the same list).
+SETTABLE = introspection.SETTABLE
+SHOWABLE = introspection.READABLE_SETTINGS
 # ParameterStatus names (PostgreSQL's spelling) of the reported parameters.
 REPORTED: dict[str, str] = {
     "application_name": "application_name", "client_encoding": "client_encoding",

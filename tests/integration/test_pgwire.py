@@ -158,3 +158,127 @@ def test_values_credentials_and_activity_are_never_read_from_the_catalogs(pg, ke
         with pytest.raises(psycopg.Error) as caught:
             conn.execute(sql)
     assert caught.value.sqlstate in ("42501", "42P01"), caught.value
+
+
+# --- the catalogs as the caller may see them (app/introspection.py) ------------------------
+
+
+@pytest.fixture(scope="module")
+def hidden_table(db) -> Iterator[str]:
+    """A schema and a table no profile role has a privilege on, with a comment."""
+    db.execute("CREATE SCHEMA IF NOT EXISTS payroll_hidden; "
+               "CREATE TABLE IF NOT EXISTS payroll_hidden.salaries_2026 (emp int, amount int); "
+               "COMMENT ON TABLE payroll_hidden.salaries_2026 IS 'board eyes only'")
+    yield "salaries_2026"
+    db.execute("DROP SCHEMA payroll_hidden CASCADE")
+
+
+CATALOG_PROBES = {
+    "pg_class": "SELECT relname FROM pg_catalog.pg_class",
+    "pg_class unqualified": "SELECT relname FROM pg_class",
+    "pg_namespace": "SELECT nspname FROM pg_namespace",
+    "pg_attribute": "SELECT c.relname || '.' || a.attname FROM pg_catalog.pg_attribute a "
+                    "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid",
+    "pg_description": "SELECT description FROM pg_catalog.pg_description",
+    "pg_tables": "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_tables",
+    "pg_type": "SELECT typname FROM pg_catalog.pg_type",
+    "pg_roles": "SELECT rolname FROM pg_catalog.pg_roles",
+    "pg_proc": "SELECT proname FROM pg_catalog.pg_proc",
+}
+
+
+@pytest.mark.parametrize("probe", sorted(CATALOG_PROBES))
+def test_catalog_rows_are_what_the_callers_role_may_see(pg, keys, db, hidden_table, probe):
+    """PostgreSQL shows every role every name, column, comment and role of the database;
+    through the gateway a catalog query reads views that keep the system's rows and what the
+    caller's profile may use: not a schema or table it has no privilege on, not the
+    gateway's own schemas (masking functions, its key, its records), not other roles."""
+    sql = CATALOG_PROBES[probe]
+    direct = {r[0] for r in db.fetch(sql)}
+    # The probe would find them all directly (what a profile role would see unfiltered).
+    hidden = {name for name in direct if name and (
+        "salaries_2026" in name or "payroll_hidden" in name or name == "board eyes only"
+        or name.startswith("querygate_") or name in ("hmac_key", "profiles", "email", "pan")
+        or name.startswith("qg_p_")
+    )}
+    assert hidden, (probe, sorted(direct)[:20])
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        seen = {r[0] for r in conn.execute(sql).fetchall()}
+        role = conn.execute("SELECT current_user").fetchone()[0]
+    assert seen, probe
+    leaked = sorted(seen & hidden - {role})
+    assert not leaked, (probe, leaked)
+    if probe in ("pg_class", "pg_class unqualified"):
+        # What the caller reads is listed: its profile's views, and the system catalogs.
+        assert {"customers", "orders", "pg_class", "tables"} <= seen, sorted(seen)
+    if probe == "pg_roles":
+        assert seen == {role}, seen
+
+
+def test_catalog_rows_are_filtered_over_http_too(pg, keys, db, hidden_table):
+    token = keys.token("alice", ["analysts"])
+    response = pg.query("SELECT relname FROM pg_catalog.pg_class WHERE relname = $1",
+                        {"authorization": f"Bearer {token}"}, [hidden_table])
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == []
+    assert db.fetchval("SELECT count(*) FROM pg_catalog.pg_class WHERE relname = $1",
+                       hidden_table) == 1
+
+
+def test_a_leaky_condition_never_sees_a_filtered_row(pg, keys, hidden_table):
+    """The views are security barriers: a condition of the caller's that could raise with a
+    row's value (a cast of relname) runs only on rows the filter kept, so the hidden name is
+    in no error either."""
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        for sql in ("SELECT relname FROM pg_class WHERE relname = 'salaries_2026' "
+                    "AND (relname::text)::int > 0",
+                    "SELECT count(*) FROM pg_class WHERE relname::text LIKE 'salaries%'"):
+            try:
+                rows = conn.execute(sql).fetchall()
+            except psycopg.Error as exc:
+                assert "salaries" not in str(exc), exc
+            else:
+                assert rows in ([], [(0,)]), rows
+
+
+@pytest.mark.parametrize("sql, params", [
+    ("SELECT current_setting('data_directory') FROM pg_class LIMIT 1", ()),
+    ("SELECT current_setting($1) FROM pg_class LIMIT 1", ("data_directory",)),
+    ("SELECT current_setting($1::varchar(6)) FROM pg_class LIMIT 1", ("server_version",)),
+    ("SELECT current_setting('server_version', true) FROM pg_class LIMIT 1", ()),
+    ("SELECT current_setting(lower($1)) FROM pg_class LIMIT 1", ("SEARCH_PATH",)),
+    ("SELECT current_setting($1) FROM pg_class LIMIT 1", ("querygate.approval",)),
+])
+def test_current_setting_reads_only_what_show_may(pg, keys, sql, params):
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(sql.replace("$1", "%s"), params or None)
+    assert caught.value.sqlstate == "42501", caught.value
+    over_http = pg.query(sql, {"authorization": f"Bearer {token}"}, list(params))
+    assert over_http.status_code == 403, over_http.text
+    assert over_http.json()["error"]["code"] == "function_denied"
+
+
+def test_current_setting_of_a_readable_setting_works(pg, keys):
+    """What SQLAlchemy's reflection asks: the name bound as a parameter, in text and binary."""
+    token = keys.token("alice", ["analysts"])
+    sql = "SELECT current_setting($1::varchar) FROM pg_catalog.pg_class LIMIT 1"
+    with psycopg.connect(dsn(pg, token, "alice"), autocommit=True) as conn:
+        wire = sql.replace("$1", "%s")
+        assert conn.execute(wire, ("default_table_access_method",)).fetchone() == ("heap",)
+        assert conn.execute(wire, ("server_version",), binary=True).fetchone()[0]
+
+    async def with_asyncpg() -> Any:
+        conn = await asyncpg.connect(host="127.0.0.1", port=pg.settings.pg_port, user="alice",
+                                     password=token, database="appdb", ssl=False)
+        try:
+            return await conn.fetchval(sql, "TimeZone")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(with_asyncpg())
+    over_http = pg.query(sql, {"authorization": f"Bearer {token}"}, ["search_path"])
+    assert over_http.status_code == 200, over_http.text

@@ -1,0 +1,92 @@
+"""Catalog introspection (app/introspection.py): what a catalog query may read and call, and
+how it is pointed at the views of what the caller may see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app import grammar, introspection
+from app.errors import Forbidden
+
+POLICY_DATA = Path(__file__).parents[2] / "rego" / "querygate" / "config" / "data.json"
+TARGET = introspection.CATALOG_SCHEMA
+
+
+def test_every_relation_policy_lists_has_a_filtered_view():
+    """Policy can only narrow the relations the gateway has a view of."""
+    listed = json.loads(POLICY_DATA.read_text())["catalog"]["relations"]
+    for name in listed:
+        schema, relation = name.split(".")
+        assert schema == "information_schema" or relation in introspection.CATALOG_VIEWS, name
+
+
+def test_a_catalog_without_a_view_is_refused():
+    tree = grammar.parse_tree("SELECT * FROM pg_catalog.pg_init_privs")
+    with pytest.raises(Forbidden) as caught:
+        introspection.relations(tree)
+    assert caught.value.code == "catalog_relation_denied"
+
+
+@pytest.mark.parametrize("sql, expected", [
+    ("SELECT relname FROM pg_catalog.pg_class",
+     f'SELECT relname FROM "{TARGET}".pg_class'),
+    ("SELECT relname FROM pg_class c",
+     f'SELECT relname FROM "{TARGET}".pg_class c'),
+    ('SELECT 1 FROM "pg_class", PG_CATALOG.pg_type',
+     f'SELECT 1 FROM "{TARGET}"."pg_class", "{TARGET}".pg_type'),
+    # SQLAlchemy's three-part column references follow their relation.
+    ("SELECT pg_catalog.pg_class.oid FROM pg_catalog.pg_class",
+     f'SELECT "{TARGET}".pg_class.oid FROM "{TARGET}".pg_class'),
+    ("SELECT (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid) FROM pg_class c",
+     f'SELECT (SELECT count(*) FROM "{TARGET}".pg_attribute a WHERE a.attrelid = c.oid) '
+     f'FROM "{TARGET}".pg_class c'),
+    # information_schema filters by privilege itself; casts and functions are not relations.
+    ("SELECT table_name FROM information_schema.tables "
+     "WHERE 'pg_catalog.pg_class'::regclass > 0 AND pg_catalog.pg_table_is_visible(0)",
+     "SELECT table_name FROM information_schema.tables "
+     "WHERE 'pg_catalog.pg_class'::regclass > 0 AND pg_catalog.pg_table_is_visible(0)"),
+])
+def test_rewrite_catalog(sql, expected):
+    assert grammar.rewrite_catalog(sql, TARGET) == expected
+
+
+@pytest.mark.parametrize("sql, numbers", [
+    ("SELECT current_setting('server_version') FROM pg_class", ()),
+    ("SELECT pg_catalog.current_setting('TimeZone'::text) FROM pg_class", ()),
+    ("SELECT current_setting($2::varchar) FROM pg_class WHERE oid = $1", (2,)),
+])
+def test_setting_reads_that_are_allowed(sql, numbers):
+    assert introspection.setting_reads(grammar.parse_tree(sql)) == numbers
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT current_setting('data_directory') FROM pg_class",
+    "SELECT current_setting('server_version', true) FROM pg_class",
+    "SELECT current_setting($1::varchar(6)) FROM pg_class",
+    "SELECT current_setting($1::bpchar) FROM pg_class",
+    "SELECT current_setting(lower('TIMEZONE')) FROM pg_class",
+    "SELECT current_setting('server_' || 'version') FROM pg_class",
+])
+def test_setting_reads_that_are_refused(sql):
+    with pytest.raises(Forbidden) as caught:
+        introspection.setting_reads(grammar.parse_tree(sql))
+    assert caught.value.code == "function_denied"
+
+
+@pytest.mark.parametrize("value, allowed", [
+    ("TimeZone", True), ("server_version", True), (None, True),
+    ("\\x" + b"search_path".hex(), True),  # a binary text parameter
+    ("data_directory", False), ("querygate.approval", False),
+    ("\\x" + b"data_directory".hex(), False), ("\\xzz", False), (7, False),
+])
+def test_setting_parameters(value, allowed):
+    if allowed:
+        introspection.check_setting_parameters((1,), [value])
+    else:
+        with pytest.raises(Forbidden):
+            introspection.check_setting_parameters((1,), [value])
+    with pytest.raises(Forbidden):  # a number past the parameters given
+        introspection.check_setting_parameters((2,), [value])
