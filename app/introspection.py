@@ -286,6 +286,7 @@ CATALOG_VIEWS: dict[str, str | None] = {
     "pg_enum": f"EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid = enumtypid "
                f"AND {_N}(t.typnamespace))",
     "pg_roles": "pg_catalog.pg_has_role(oid, 'MEMBER')",
+    "pg_user": "pg_catalog.pg_has_role(usesysid, 'MEMBER')",
     "pg_database": "datname = pg_catalog.current_database()",
     "pg_tables": f"{CATALOG_SCHEMA}.named_visible(schemaname, tablename)",
     "pg_views": f"{CATALOG_SCHEMA}.named_visible(schemaname, viewname)",
