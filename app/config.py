@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     pg_max_connections: int = Field(200, ge=1, le=100_000)
     pg_max_connections_per_identity: int = Field(20, ge=1, le=100_000)
     pg_startup_timeout_ms: int = Field(10_000, ge=100, le=600_000)
+    # Connections still in their startup (not yet authenticated) at once: a client that
+    # opens connections and never authenticates holds at most these, never every slot of
+    # pg_max_connections for the startup timeout.
+    pg_max_startups: int = Field(32, ge=1, le=100_000)
     # A session that holds a database connection (in a transaction) and sends nothing for
     # this long is ended, so it cannot keep a pooled connection from everyone else.
     pg_idle_in_transaction_timeout_s: float = Field(60.0, ge=0.1, le=86_400.0)

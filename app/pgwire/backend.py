@@ -465,6 +465,9 @@ class BackendConnection:
         self.status = b""
         # ReadyForQuery messages still to come: the connection is quiet at 0.
         self.pending = 0
+        # A cancel was asked for what it runs: it never goes back to a pool, where the
+        # cancel (it takes a connection of its own) could reach another session's statement.
+        self.cancelled = False
         # How the server authenticated us: trust, password, md5 or scram-sha-256.
         self.authentication = "trust"
         self._wire = wire

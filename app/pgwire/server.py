@@ -57,6 +57,7 @@ class PgServer:
         self._types: dict[int, str] = {}
         self._per_identity: dict[tuple[str, str], int] = {}
         self._connections = 0
+        self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool_lock = asyncio.Lock()
 
@@ -197,6 +198,12 @@ class PgServer:
                     "FATAL", "53300", "querygate: too many connections "
                     "(QUERYGATE_PG_MAX_CONNECTIONS)")))
                 return
+            if self._starting >= self.settings.pg_max_startups:
+                writer.write(m.error_response(m.error_fields(
+                    "FATAL", "53300", "querygate: too many connections are authenticating "
+                    "(QUERYGATE_PG_MAX_STARTUPS)")))
+                return
+            self._starting += 1
             try:
                 async with asyncio.timeout(self.settings.pg_startup_timeout_ms / 1000):
                     started = await self._startup(reader, writer, peer)
@@ -205,6 +212,8 @@ class PgServer:
                     "FATAL", "08P01", "querygate: the connection did not authenticate in time "
                     "(QUERYGATE_PG_STARTUP_TIMEOUT_MS)")))
                 return
+            finally:
+                self._starting -= 1
             if started is None:
                 return
             reader, writer, identity, params, tls = started

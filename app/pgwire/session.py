@@ -254,6 +254,7 @@ class Session:
         """A CancelRequest with this session's key: cancel what its connection runs."""
         backend = self.backend
         if backend is not None and not backend.closed:
+            backend.cancelled = True  # before the first await: _release then drops it
             with contextlib.suppress(OSError, TimeoutError):
                 await backend.cancel()
 
@@ -940,7 +941,7 @@ class Session:
         self.commit_at_sync = self.rollback_at_sync = self.clean = False
         if conn is None or pool is None:
             return
-        if drop or conn.pending:
+        if drop or conn.pending or conn.cancelled:
             pool.discard(conn)
         else:
             await pool.release(conn, reset=not (clean and conn.status == b"I"))

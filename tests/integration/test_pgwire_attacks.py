@@ -5,6 +5,8 @@ bad intentions, and what the gateway must answer (docs/pgwire.md, DESIGN.md's th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -230,3 +232,86 @@ def test_rollback_is_still_parsed_in_an_aborted_transaction(pg, keys):
         assert not errors(out) and out[-1][1] == b"I", out
     finally:
         raw.close()
+
+
+# --- connections that never authenticate, a database that stops answering -------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(make_gateway, tmp_path_factory) -> Iterator[Any]:
+    """Two startups at once at most; a message is answered within ~2.5 s (the statement
+    timeout plus a second, plus the dispatch's second)."""
+    spool = tmp_path_factory.mktemp("pgwire-attacks-guarded-spool")
+    yield make_gateway(pg_port=free_port(), dev_mode=True, audit_spool_dir=str(spool),
+                       pg_max_startups=2, pg_startup_timeout_ms=20_000,
+                       statement_timeout_ms=500, stream_timeout_ms=1000)
+
+
+def test_connections_that_never_authenticate_cannot_starve_the_others(guarded, keys):
+    """A slowloris: connections that send nothing wait out the startup timeout. Past
+    QUERYGATE_PG_MAX_STARTUPS the next one is refused at once (53300), and once one of them
+    goes, a real client connects while the other still hangs."""
+    port = guarded.settings.pg_port
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both are in their startup
+        third = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            third.sendall(m.startup({"user": "alice", "database": "appdb"}))
+            answer = third.recv(4096)
+        finally:
+            third.close()
+        assert answer[:1] == b"E" and b"53300" in answer and b"MAX_STARTUPS" in answer, answer
+        silent.pop().close()
+        time.sleep(0.3)
+        with connect(guarded, keys.token("alice", ["analysts"]), "alice") as conn:
+            assert conn.execute("SELECT 1 FROM orders LIMIT 1").fetchone() == (1,)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_a_database_that_stops_answering_is_a_timeout_not_a_hang(guarded, keys):
+    """The PostgreSQL backend serving a transaction is stopped (SIGSTOP): COMMIT, which has
+    no statement deadline of its own on the gateway side, is answered 57014 request_timeout
+    within the stream deadline, the connection is dropped, and the session goes on."""
+    raw = Raw(guarded, keys.token("alice", ["analysts"]), "alice")
+    pid = None
+    try:
+        raw.send(m.query("BEGIN"))
+        raw.until("Z")
+        raw.send(m.query("SELECT pg_backend_pid()"))
+        out = raw.until("Z")
+        (row,) = [p for k, p in out if k == "D"]
+        pid = int(row[6:].decode())  # one column: count (2), length (4), the text
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        raw.send(m.query("COMMIT"))
+        out = raw.until("Z")
+        waited = time.monotonic() - started
+        assert errors(out) == ["57014"], out
+        assert b"request_timeout" in b"".join(p for _, p in out), out
+        assert 1.0 < waited < 6.0, waited
+        raw.send(m.query("SELECT 1 FROM orders LIMIT 1"))
+        out = raw.until("Z")
+        assert not errors(out) and [p for k, p in out if k == "D"], out
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        raw.close()
+
+
+def test_a_cancelled_connection_never_serves_another_session(pg, keys, db):
+    """A CancelRequest travels on a connection of its own and reaches PostgreSQL some time
+    later; had the session's connection gone back to the pool meanwhile, it would cancel
+    another session's statement there. A connection a cancel was asked for is dropped when
+    its session lets it go, never pooled."""
+    with connect(pg, keys.token("alice", ["analysts"]), "alice") as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # in a transaction
+        conn.cancel_safe()  # nothing runs: PostgreSQL ignores it
+        conn.commit()       # the session lets its connection go
+        deadline = time.monotonic() + 5
+        while db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            assert time.monotonic() < deadline, "the cancelled connection went back to the pool"
+            time.sleep(0.05)
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
