@@ -84,6 +84,23 @@ def test_pgjdbc_connects_with_a_token(jdbc):
     assert "connect" in jdbc and jdbc["connect"][0][0] == "version", jdbc.get("connect")
 
 
+def test_pgjdbc_database_metadata_shows_what_the_caller_may_see(jdbc):
+    """DatabaseMetaData (DBeaver's and DataGrip's navigators): catalog queries, decided by
+    policy, answered from the catalog views (app/introspection.py)."""
+    rows = jdbc["metadata"]
+    assert rows[-1] == ["done"], rows
+    schemas = {f[1] for f in rows if f[0] == "schema"}
+    tables = {f[1].split(".", 1)[1] for f in rows if f[0] == "table"}
+    columns = {f[1] for f in rows if f[0] == "column"}
+    assert {"customers", "orders"} <= tables, rows
+    assert {"id", "email", "ssn", "card_number"} <= columns, rows
+    # Nothing of the gateway's own: its masking schema, its records, its catalog views.
+    assert not {s for s in schemas if s.startswith("querygate_")}, schemas
+    assert not {"hmac_key", "profiles"} & tables, tables
+    # The caller reads its profile's views: no key or index of a base table it cannot use.
+    assert [f for f in rows if f[0] == "indexes"] == [["indexes", "0"]], rows
+
+
 def test_pgjdbc_prepared_statements_get_masked_values(jdbc, raw):
     rows = jdbc["prepared"]
     assert rows[-1] == ["server_prepared", "true"], rows  # past prepareThreshold: a named statement

@@ -30,6 +30,7 @@ public final class PgjdbcClient {
         String writer = System.getenv("QG_WRITER_TOKEN");
         try (Connection conn = connect(url, "alice", reader)) {
             out("connect", "version", conn.getMetaData().getDatabaseProductVersion());
+            metadata(conn);
             prepared(conn);
             denial(conn);
         } catch (SQLException exc) {
@@ -50,6 +51,47 @@ public final class PgjdbcClient {
         props.setProperty("sslmode", "disable");
         props.setProperty("ApplicationName", "querygate-pgjdbc-test");
         return DriverManager.getConnection(url, props);
+    }
+
+    /**
+     * DatabaseMetaData, as DBeaver's and DataGrip's navigators use it: schemas, tables,
+     * columns, keys and indexes, each a catalog query the gateway decides and PostgreSQL
+     * filters to what the caller's profile may see.
+     */
+    private static void metadata(Connection conn) {
+        try {
+            java.sql.DatabaseMetaData md = conn.getMetaData();
+            try (ResultSet rs = md.getSchemas()) {
+                while (rs.next()) {
+                    out("metadata", "schema", rs.getString("TABLE_SCHEM"));
+                }
+            }
+            try (ResultSet rs = md.getTables(null, null, "%", new String[] {"TABLE", "VIEW"})) {
+                while (rs.next()) {
+                    out("metadata", "table", rs.getString("TABLE_SCHEM") + "." + rs.getString("TABLE_NAME"));
+                }
+            }
+            try (ResultSet rs = md.getColumns(null, null, "customers", "%")) {
+                while (rs.next()) {
+                    out("metadata", "column", rs.getString("COLUMN_NAME"), rs.getString("TYPE_NAME"));
+                }
+            }
+            try (ResultSet rs = md.getPrimaryKeys(null, null, "orders")) {
+                while (rs.next()) {
+                    out("metadata", "key", rs.getString("COLUMN_NAME"));
+                }
+            }
+            try (ResultSet rs = md.getIndexInfo(null, null, "orders", false, true)) {
+                int n = 0;
+                while (rs.next()) {
+                    n++;
+                }
+                out("metadata", "indexes", Integer.toString(n));
+            }
+            out("metadata", "done");
+        } catch (SQLException exc) {
+            error("metadata", exc);
+        }
     }
 
     /** Parameterised reads; the driver moves to a named server statement at prepareThreshold (5). */
