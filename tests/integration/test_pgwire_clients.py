@@ -9,8 +9,7 @@ and pgbench, each against a real gateway as a person or a service would run it.
   and reflects a table (its table-options query calls ``current_setting($n)`` with the name
   bound as a parameter: checked against the readable settings once bound).
 - **pgbench** (Debian's postgresql-client, `make pg-client`): point SELECTs with ``-M simple``,
-  ``extended`` and ``prepared``, 8 clients for 3 s each (the issue says 10 s; 3 s keeps
-  `make test` fast and is still thousands of transactions), no failed transaction.
+  ``extended`` and ``prepared``, 8 clients for 10 s each, no failed transaction.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from app.devstack import REPO_ROOT, free_port
 pytestmark = pytest.mark.integration
 
 SENSITIVE = ("email", "ssn", "card_number")
-PGBENCH_SECONDS = 3
+PGBENCH_SECONDS = 10  # the issue's 10 s, 8 clients, each mode
 PGBENCH_CLIENTS = 8
 
 
