@@ -228,6 +228,7 @@ class PgServer:
             self._per_identity[counted] = held + 1
             session = Session(self, reader, writer, identity, peer, params, tls)
             key = self._key(session)
+            await session.start()
             await self._welcome(writer, session, key)
             await session.run()
         except m.ProtocolError as exc:

@@ -200,17 +200,22 @@ class Session:
         self.count = 0  # statements sent: simple-protocol statements, extended portals
         self.began = time.monotonic()
         self.started = False
+        self.flushes = 0  # how often ``out`` went to the client (a portal's rows since: _run)
 
     # -- the loop ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """The session's start on record, before the client is told it may begin: a start
+        the audit cannot take refuses the connection (FATAL audit_unavailable)."""
+        audit, _, _ = self._request("startup")
+        await audit.session("start", tls=self.tls)
+        self.started = True
 
     async def run(self) -> None:
         settings = self.gateway.settings
         idle = settings.pg_idle_in_transaction_timeout_s
         # A message is at most as large as an HTTP body may be (a Bind's parameters).
         limit = settings.max_request_bytes
-        audit, _, _ = self._request("startup")
-        await audit.session("start", tls=self.tls)
-        self.started = True
         try:
             while True:
                 try:
@@ -262,6 +267,7 @@ class Session:
         if self.out:
             self.writer.write(b"".join(self.out))
             self.out.clear()
+            self.flushes += 1
         await self.writer.drain()
 
     async def _dispatch(self, message: m.FrontendMessage) -> None:
@@ -802,6 +808,10 @@ class Session:
         """Execute a governed portal (opened here for a simple Query), relaying its rows."""
         auth, audit, budget = portal.auth, portal.audit, portal.budget
         assert auth is not None and audit is not None and budget is not None
+        # What the client has not been sent yet of this portal is withdrawn if it fails: rows
+        # whose decision or outcome did not become durable, RETURNING rows of a write the
+        # blast radius rolled back. (A flush of its rows waited for its decision first.)
+        mark = (self.flushes, len(self.out))
         try:
             async with pipeline.within(budget.stream_at):
                 if portal.description is None:
@@ -813,6 +823,8 @@ class Session:
                         self.out.append(portal.description)
                 await self._relay(portal, max_rows)
         except GatewayError as exc:
+            if self.flushes == mark[0]:
+                del self.out[mark[1]:]
             if exc.code == "request_timeout" and self.backend is not None:
                 # Past the deadline the connection's state is unknown: it goes.
                 self.backend.terminate()
@@ -820,6 +832,8 @@ class Session:
             await self._failed(portal, exc)
             raise
         except (OSError, ConnectionError) as exc:
+            if self.flushes == mark[0]:
+                del self.out[mark[1]:]
             error = Unavailable("database_unavailable", "the database connection failed")
             await self._release(drop=True)
             await self._failed(portal, error)
@@ -861,6 +875,8 @@ class Session:
                 if cap is not None and portal.sent >= cap:
                     await self._truncate(portal, conn, name)
                     return
+                if auth.durable is not None:
+                    await auth.durable  # these rows go out now: their decision first
                 self.out.append(m.portal_suspended())
                 return
             if kind == _E:

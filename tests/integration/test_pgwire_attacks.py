@@ -315,3 +315,33 @@ def test_a_cancelled_connection_never_serves_another_session(pg, keys, db):
             assert time.monotonic() < deadline, "the cancelled connection went back to the pool"
             time.sleep(0.05)
         assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+
+
+# --- rows and the audit trail ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_rows", [1, 0])
+def test_no_row_reaches_the_client_before_its_decision_is_durable(
+    make_gateway, tmp_path, keys, max_rows
+):
+    """A read runs while its decision is written; its rows wait for it. When the spool cannot
+    write it, the client gets audit_unavailable and no row: neither rows an Execute with a
+    row limit left suspended (max_rows=1), nor rows already gathered for a CommandComplete
+    whose outcome could not be recorded (max_rows=0)."""
+    from tests.integration.test_audit import SlowSpool
+
+    gateway = make_gateway(pg_port=free_port(), dev_mode=True,
+                           audit_spool_dir=str(tmp_path / "spool"))
+    raw = Raw(gateway, keys.token("alice", ["analysts"]), "alice")
+    try:
+        slow = SlowSpool(gateway, delay=0.05)
+        slow.failing = True
+        raw.send(m.parse("", "SELECT id, email FROM customers ORDER BY id", ()),
+                 m.bind("", "", (), (), ()), m.describe("P", ""), m.execute("", max_rows),
+                 m.sync())
+        out = raw.until("Z")
+        assert "D" not in kinds(out), out
+        assert b"audit_unavailable" in b"".join(p for _, p in out), out
+        assert errors(out) == ["58030"], out
+    finally:
+        raw.close()
