@@ -241,7 +241,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 2
     response = httpx.post(
         f"{args.url}/v1/explain",
-        json={"sql": args.sql, "params": json.loads(args.params)},
+        json={"sql": args.sql, "params": args.params},
         headers={"authorization": f"Bearer {token}"},
         timeout=10,
     )
@@ -361,6 +361,7 @@ def _explain_policy_dir(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="querygate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"querygate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the gateway (settings from QUERYGATE_* variables)")
@@ -377,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="show the facts and decision for a statement")
     explain.add_argument("--sql", required=True)
-    explain.add_argument("--params", default="[]", help="JSON list of parameters")
+    explain.add_argument("--params", default=[], type=_json_list,
+                         help="JSON list of parameters")
     explain.add_argument("--as", dest="as_", default="alice", help="demo identity")
     explain.add_argument("--token", default=None, help="a bearer token instead of --as")
     explain.add_argument("--url", default="http://127.0.0.1:8080")
@@ -535,6 +537,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if verifier.ok else 1
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("querygate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _json_list(text: str) -> list[Any]:
+    """--params: a JSON list, else a usage error (one line, exit 2)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("must be a JSON list, e.g. '[1, \"a\"]'")
+    return value
+
+
+# Exit codes (README, "Two commands"): 0 done; 1 the gateway answered with a refusal or an error, or the
+# check failed; 2 usage or configuration; 3 the gateway (or a service the command needs)
+# could not be reached or answered with something that is not its JSON; 130 interrupted.
+EXIT_UNREACHABLE = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -546,8 +574,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"querygate: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    except httpx.HTTPError as exc:
+        # One line, never a traceback: where it went and what happened.
+        where = exc.request.url if _has_request(exc) else None
+        print(f"querygate {args.command}: cannot reach {where or 'the gateway'}: "  # noqa: T201
+              f"{type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except json.JSONDecodeError as exc:  # a body that is not the gateway's JSON
+        print(f"querygate {args.command}: the answer is not the gateway's JSON "  # noqa: T201
+              f"({type(exc).__name__})", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
+
+
+def _has_request(exc: httpx.HTTPError) -> bool:
+    try:
+        exc.request  # noqa: B018 (raises RuntimeError when the error has no request)
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
