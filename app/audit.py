@@ -810,6 +810,8 @@ class KafkaSink:
             "request_timeout_ms": s.audit_kafka_timeout_ms,
             "retry_backoff_ms": 100,
             "security_protocol": s.audit_kafka_security_protocol,
+            "compression_type": None if s.audit_kafka_compression == "none"
+            else s.audit_kafka_compression,
         }
         if s.audit_kafka_security_protocol in ("SSL", "SASL_SSL"):
             from aiokafka.helpers import create_ssl_context

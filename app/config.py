@@ -377,6 +377,9 @@ class Settings(BaseSettings):
     audit_kafka_topic: str = Field("querygate.audit", pattern=r"^[A-Za-z0-9._-]{1,249}$")
     audit_kafka_timeout_ms: int = Field(30_000, ge=1000, le=600_000)
     audit_kafka_linger_ms: int = Field(5, ge=0, le=1000)
+    # Record batches are compressed (events are JSON: ~5x smaller). gzip needs nothing
+    # beyond the standard library; lz4, snappy and zstd need their codec installed.
+    audit_kafka_compression: Literal["gzip", "lz4", "snappy", "zstd", "none"] = "gzip"
     audit_kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
@@ -386,6 +389,9 @@ class Settings(BaseSettings):
     audit_kafka_ssl_cafile: Path | None = None
     # GET /metrics (Prometheus text format, unauthenticated: counts and timings only).
     metrics_enabled: bool = True
+    # Serve /metrics on this port instead (on QUERYGATE_HOST; with several workers, each on
+    # the first free port from here), so a NetworkPolicy can open it to Prometheus alone.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _audit_consistent(self) -> Settings:
@@ -396,6 +402,12 @@ class Settings(BaseSettings):
         if self.audit_fail_open and self.environment == "prod":
             raise ValueError(f"{_env('audit_fail_open')} cannot be used with "
                              f"{_env('environment')}=prod")
+        if self.audit_sink == "kafka" and self.audit_kafka_compression not in ("gzip", "none"):
+            from aiokafka import codec
+
+            if not getattr(codec, f"has_{self.audit_kafka_compression}")():
+                raise ValueError(f"{_env('audit_kafka_compression')}="
+                                 f"{self.audit_kafka_compression} needs its codec installed")
         sasl = self.audit_kafka_security_protocol.startswith("SASL_")
         if sasl != (self.audit_kafka_sasl_mechanism is not None):
             raise ValueError(f"{_env('audit_kafka_sasl_mechanism')} is required with, and only "

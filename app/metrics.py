@@ -18,12 +18,23 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "REQUEST_ID", "JsonFormatter", "Metrics", "MetricsMiddleware", "StageClock"]
+
+# A counter's ``_created`` twin is one more series per label set that no dashboard reads.
+disable_created_metrics()
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "querygate_request_id", default=None
@@ -67,12 +78,38 @@ class _SpoolCollector(Collector):
             yield gauge
 
 
+def _versions() -> tuple[str, str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return of("querygate"), platform.python_version(), of("sqlglot")
+
+
 class Metrics:
     """The gateway's Prometheus series, on a registry of its own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_* (CPU, memory, open files, start time; from /proc) and python_info.
+        ProcessCollector(registry=r)
+        r.register(PLATFORM_COLLECTOR)
+        self.build_info = Gauge(
+            "querygate_build_info", "1, labelled with the running build's versions",
+            ["version", "python", "sqlglot"], registry=r,
+        )
+        self.build_info.labels(*_versions()).set(1)
+        self.request_seconds = Histogram(
+            "querygate_request_duration_seconds",
+            "HTTP requests from the first byte to the last, by route and decision",
+            ["route", "decision"], buckets=_STAGE_BUCKETS, registry=r,
+        )
         self.requests = Counter(
             "querygate_requests", "requests by route, decision and outcome code",
             ["route", "decision", "code"], registry=r,
@@ -156,6 +193,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 0
+        started = time.perf_counter()
 
         async def send_status(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -176,6 +214,8 @@ class MetricsMiddleware:
             code = state.get("error_code") or ("ok" if 0 < status < 400 else str(status))
             decision = getattr(state.get("audit"), "label", None) or "none"
             self.metrics.requests.labels(path, decision, code).inc()
+            self.metrics.request_seconds.labels(path, decision).observe(
+                time.perf_counter() - started)
 
 
 class StageClock:
@@ -239,3 +279,76 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+class MetricsServer:
+    """``/metrics`` on a port of its own (``QUERYGATE_METRICS_PORT``), so a NetworkPolicy can
+    let Prometheus reach it and nothing else (deploy/k8s). prometheus_client's WSGI app in
+    a thread, with limits its own ``start_http_server`` lacks: a connection must send its
+    request within ``TIMEOUT_S``, and at most ``MAX_CONNECTIONS`` are served at once (more
+    are closed), so a client that opens connections and sends nothing holds no thread long.
+
+    With several workers each binds the first free port from ``port`` on (worker spools are
+    claimed the same way), and each serves its own process's series.
+    """
+
+    TIMEOUT_S = 5.0
+    MAX_CONNECTIONS = 8
+
+    def __init__(self, metrics: Metrics, host: str, port: int, ports: int = 1) -> None:
+        self.metrics, self.host, self.port, self.ports = metrics, host, port, ports
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> int:
+        import socketserver
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        from prometheus_client import make_wsgi_app
+
+        slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        timeout = self.TIMEOUT_S
+
+        class Handler(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return None  # scrapes are not log lines
+
+        Handler.timeout = timeout  # the socket's: a silent client is dropped
+
+        class Server(socketserver.ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # full: closed, not queued
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+        app = make_wsgi_app(self.metrics.registry)
+        last: OSError | None = None
+        for port in range(self.port, self.port + self.ports):
+            try:
+                self._server = make_server(self.host, port, app, Server, handler_class=Handler)
+                break
+            except OSError as exc:
+                last = exc
+        else:
+            assert last is not None
+            raise last
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="querygate-metrics", daemon=True)
+        self._thread.start()
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

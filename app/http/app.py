@@ -22,7 +22,7 @@ from app.http.front import Front
 from app.identity import Authenticator
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
-from app.metrics import Metrics
+from app.metrics import Metrics, MetricsServer
 from app.pgwire.server import PgServer
 from app.policy import DecisionCache, PolicyClient
 
@@ -91,9 +91,17 @@ def create_app(settings: Settings) -> Front:
             wire = PgServer(gateway, settings)
             await wire.start()
         app.state.pgwire = wire
+        exporter = None
+        if settings.metrics_enabled and settings.metrics_port is not None:
+            exporter = MetricsServer(metrics, settings.host, settings.metrics_port,
+                                     settings.workers)
         try:
+            if exporter is not None:
+                app.state.metrics_port = await asyncio.to_thread(exporter.start)
             yield
         finally:
+            if exporter is not None:
+                await asyncio.to_thread(exporter.close)
             if wire is not None:
                 await wire.close()
             await gateway.close()
@@ -105,7 +113,7 @@ def create_app(settings: Settings) -> Front:
     install_error_handlers(app)
     for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
         app.include_router(router)
-    if settings.metrics_enabled:
+    if settings.metrics_enabled and settings.metrics_port is None:
         app.include_router(health.metrics_router)
     openapi.install(app, settings)
     # Request ids and metrics for every request, and POST /v1/query without FastAPI's

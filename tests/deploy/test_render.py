@@ -115,7 +115,28 @@ def test_sidecar_pod_mounts_a_querygate_audience_token_and_no_api_token():
 
 def test_shared_gateway_admits_named_callers_only():
     policy = find(render(LAYOUTS["shared-gateway"]), "NetworkPolicy")
-    [rule] = policy["spec"]["ingress"]
+    rule, metrics = policy["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
     [peer] = rule["from"]
     assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 9090}]  # Prometheus alone
+
+
+@pytest.mark.parametrize("layout", ["dev", "prod", "shared-gateway"])
+def test_metrics_have_a_port_of_their_own_open_to_prometheus_alone(layout):
+    """QUERYGATE_METRICS_PORT in the config, the container's `metrics` port, and one ingress
+    rule to it from the monitoring namespace's Prometheus; the API port is not in that rule."""
+    objects = render(LAYOUTS[layout])
+    config = find(objects, "ConfigMap", "querygate-config")["data"]
+    assert config["QUERYGATE_METRICS_PORT"] == "9090"
+    spec = find(objects, "Deployment")["spec"]["template"]["spec"]
+    containers = spec.get("initContainers", []) + spec["containers"]
+    gateway = next(c for c in containers if c["name"] == "querygate")
+    assert {"name": "metrics", "containerPort": 9090} in gateway["ports"]
+    policy = find(objects, "NetworkPolicy")
+    [rule] = [r for r in policy["spec"]["ingress"]
+              if {"protocol": "TCP", "port": 9090} in r["ports"]]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9090}]
+    [peer] = rule["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}

@@ -103,3 +103,48 @@ def test_log_lines_are_json_with_the_request_id(serve_settings, tmp_path):
     mine = [line for line in lines if line.get("request_id") == request_id]
     assert any(line["message"].startswith("authentication refused") for line in mine), mine
     assert "not-a-jwt" not in log_path.read_text()
+
+
+def test_process_build_and_request_duration_series_and_no_created(make_gateway, tmp_path, alice):
+    gateway = make_gateway(audit_spool_dir=str(tmp_path / "spool"))
+    assert gateway.query("SELECT id FROM customers WHERE id < $1", alice, [3]).status_code == 200
+    response = gateway.client.get("/metrics")
+    assert "_created" not in response.text  # no twin series per counter
+    families = scrape(gateway.client)
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+                 "process_start_time_seconds", "python_info"):
+        assert name in families, name
+    ((_, labels, one),) = families["querygate_build_info"]
+    assert one == 1 and labels["version"] and labels["python"] and labels["sqlglot"], labels
+    assert value(families, "querygate_request_duration_seconds_count", route="/v1/query",
+                 decision="allow") == 1
+    assert value(families, "querygate_request_duration_seconds_sum", route="/v1/query") > 0
+
+
+def test_metrics_on_a_port_of_their_own(make_gateway, tmp_path, alice):
+    """QUERYGATE_METRICS_PORT: /metrics there (for the NetworkPolicy to open to Prometheus
+    alone), not on the API port; a client that connects and sends nothing holds no slot."""
+    import socket
+
+    from app.metrics import MetricsServer
+
+    port = free_port()
+    gateway = make_gateway(audit_spool_dir=str(tmp_path / "spool"), metrics_port=port)
+    assert gateway.client.get("/metrics").status_code == 404
+    assert gateway.query("SELECT 1 FROM orders LIMIT 1", alice).status_code == 200
+    silent = [socket.create_connection(("127.0.0.1", port))
+              for _ in range(MetricsServer.MAX_CONNECTIONS + 2)]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as client:
+            deadline = time.monotonic() + MetricsServer.TIMEOUT_S + 5
+            while True:  # the silent ones time out; a scrape then gets through
+                try:
+                    families = scrape(client)
+                    break
+                except (httpx.TransportError, AssertionError):
+                    assert time.monotonic() < deadline, "the metrics port stayed blocked"
+                    time.sleep(0.2)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert value(families, "querygate_requests_total", route="/v1/query", decision="allow") == 1

@@ -38,6 +38,9 @@ def test_environment_comes_from_prefixed_variables(monkeypatch):
         ({"jwt_public_key": "changeme"}, "QUERYGATE_JWT_PUBLIC_KEY"),
         ({"jwt_public_key": "k", "jwt_public_key_file": "/k.pem"}, "QUERYGATE_JWT_PUBLIC_KEY"),
         ({"max_sql_bytes": 100_000, "max_request_bytes": 2000}, "QUERYGATE_MAX_REQUEST_BYTES"),
+        ({"audit_sink": "kafka", "audit_kafka_bootstrap": "k:9092",
+          "audit_kafka_compression": "zstd"}, "QUERYGATE_AUDIT_KAFKA_COMPRESSION"),
+        ({"audit_kafka_compression": "brotli"}, "QUERYGATE_AUDIT_KAFKA_COMPRESSION"),
         ({"db_pool_min": 5, "db_pool_max": 2}, "QUERYGATE_DB_POOL_MIN"),
         ({"mask_hmac_key": "short"}, "QUERYGATE_MASK_HMAC_KEY"),
         ({"mask_hmac_key": "changeme-changeme-changeme"}, "QUERYGATE_MASK_HMAC_KEY"),
@@ -268,3 +271,16 @@ def test_unusable_secret_files_name_the_variable(monkeypatch, tmp_path, setup, m
         monkeypatch.setenv("QUERYGATE_DATABASE_URL_FILE", str(path))
     with pytest.raises(ConfigError, match=message):
         load_settings()
+
+
+def test_kafka_batches_are_compressed_by_default():
+    from app.audit import KafkaSink
+    from app.metrics import Metrics
+
+    settings = load_settings(audit_sink="kafka", audit_kafka_bootstrap="k:9092")
+    assert settings.audit_kafka_compression == "gzip"
+    sink = KafkaSink(settings, "i", Metrics())
+    assert sink._config()["compression_type"] == "gzip"
+    sink.settings = load_settings(audit_sink="kafka", audit_kafka_bootstrap="k:9092",
+                                  audit_kafka_compression="none")
+    assert sink._config()["compression_type"] is None
