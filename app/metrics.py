@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 __all__ = ["CONTENT_TYPE_LATEST", "REQUEST_ID", "JsonFormatter", "Metrics", "MetricsMiddleware", "StageClock"]
 
 # A counter's ``_created`` twin is one more series per label set that no dashboard reads.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "querygate_request_id", default=None
