@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("file", nargs="?", default=None, help="a JSONL copy of the trail")
     verify.add_argument("--kafka", metavar="BOOTSTRAP", default=None,
-                        help="read the topic from these brokers (host:port,…) instead of a file")
+                        help="read the topic from these brokers (host:port,…) instead of a file, "
+                        "with the sink's QUERYGATE_AUDIT_KAFKA_* TLS and SASL settings")
     verify.add_argument("--topic", default=None,
                         help="the topic (default QUERYGATE_AUDIT_KAFKA_TOPIC or querygate.audit)")
     verify.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic")
@@ -513,7 +514,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """`audit verify`: 0 when every chain is complete, in order and unedited; 1 otherwise."""
     import asyncio
 
-    from app.audit import AuditError, Verifier, verify_file, verify_topic
+    from app.audit import AuditError, Verifier, kafka_security, verify_file, verify_topic
 
     if (args.file is None) == (args.kafka is None):
         print("querygate audit verify: give a FILE or --kafka BOOTSTRAP", file=sys.stderr)  # noqa: T201
@@ -523,10 +524,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.file is not None:
             verifier = verify_file(Path(args.file), args.allow_partial_start)
         else:
-            topic = args.topic or os.environ.get("QUERYGATE_AUDIT_KAFKA_TOPIC", "querygate.audit")
-            verifier = asyncio.run(
-                verify_topic(args.kafka, topic, args.allow_partial_start, args.timeout)
-            )
+            # The sink's own settings (QUERYGATE_AUDIT_KAFKA_*: TLS, SASL PLAIN, SCRAM,
+            # OAUTHBEARER): the same topic is read the way it is written.
+            settings = load_settings(audit_kafka_bootstrap=args.kafka)
+            topic = args.topic or settings.audit_kafka_topic
+            verifier = asyncio.run(verify_topic(
+                args.kafka, topic, args.allow_partial_start, args.timeout,
+                **kafka_security(settings),
+            ))
     except (OSError, AuditError) as exc:
         print(f"querygate audit verify: {exc}", file=sys.stderr)  # noqa: T201
         return 2

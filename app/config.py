@@ -383,9 +383,13 @@ class Settings(BaseSettings):
     audit_kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
-    audit_kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    audit_kafka_sasl_mechanism: Literal[
+        "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     audit_kafka_sasl_username: str | None = None
     audit_kafka_sasl_password: SecretStr | None = None
+    # OAUTHBEARER: a file holding the access token, read again for every authentication so a
+    # token a sidecar or the kubelet rotates keeps working.
+    audit_kafka_sasl_oauth_token_file: Path | None = None
     audit_kafka_ssl_cafile: Path | None = None
     # GET /metrics (Prometheus text format, unauthenticated: counts and timings only).
     metrics_enabled: bool = True
@@ -412,9 +416,16 @@ class Settings(BaseSettings):
         if sasl != (self.audit_kafka_sasl_mechanism is not None):
             raise ValueError(f"{_env('audit_kafka_sasl_mechanism')} is required with, and only "
                              f"with, {_env('audit_kafka_security_protocol')}=SASL_*")
-        if sasl and (not self.audit_kafka_sasl_username or self.audit_kafka_sasl_password is None):
+        oauth = self.audit_kafka_sasl_mechanism == "OAUTHBEARER"
+        if oauth != (self.audit_kafka_sasl_oauth_token_file is not None):
+            raise ValueError(f"{_env('audit_kafka_sasl_oauth_token_file')} is required with, "
+                             f"and only with, {_env('audit_kafka_sasl_mechanism')}=OAUTHBEARER")
+        if sasl and not oauth and (
+            not self.audit_kafka_sasl_username or self.audit_kafka_sasl_password is None
+        ):
             raise ValueError(f"{_env('audit_kafka_sasl_username')} and "
-                             f"{_env('audit_kafka_sasl_password')} are required with SASL")
+                             f"{_env('audit_kafka_sasl_password')} are required with SASL "
+                             "PLAIN and SCRAM")
         return self
 
     # Approvals: a Slack-compatible webhook told when one is requested and decided.

@@ -421,6 +421,9 @@ class KafkaBroker:
     port: int
     controller_port: int
     process: subprocess.Popen[bytes] | None = None
+    # With SCRAM users (start_kafka's ``scram_users``): a SASL_PLAINTEXT listener that takes
+    # SCRAM-SHA-256 and SCRAM-SHA-512, besides the PLAINTEXT one the tests administer with.
+    sasl_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -487,23 +490,39 @@ def kafka_cluster_id() -> str:
             return cluster_id
 
 
-def start_kafka(data_dir: Path) -> KafkaBroker:
-    """Format a fresh KRaft log in ``data_dir`` and start a broker on free loopback ports."""
+def start_kafka(data_dir: Path, scram_users: dict[str, str] | None = None) -> KafkaBroker:
+    """Format a fresh KRaft log in ``data_dir`` and start a broker on free loopback ports.
+
+    With ``scram_users`` (name → password), a SASL_PLAINTEXT listener too, whose SCRAM
+    credentials are written into the log at format time (KRaft keeps them there).
+    """
     libs = find_kafka()
     java = shutil.which("java")
     if java is None:
         raise StackError("no java on PATH (the Kafka broker needs Java 17+)")
     data_dir.mkdir(parents=True, exist_ok=True)
     port, controller_port = free_port(), free_port()
+    sasl_port = free_port() if scram_users else None
+    listeners = f"PLAINTEXT://127.0.0.1:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    sasl = ""
+    if sasl_port is not None:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
+        protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        sasl = "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512\n" + "".join(
+            f"listener.name.sasl_plaintext.{m}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+            for m in ("scram-sha-256", "scram-sha-512"))
     (data_dir / "server.properties").write_text(
         "process.roles=broker,controller\n"
         "node.id=1\n"
         f"controller.quorum.voters=1@127.0.0.1:{controller_port}\n"
-        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n"
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n"
+        f"listeners={listeners},CONTROLLER://127.0.0.1:{controller_port}\n"
+        f"advertised.listeners={listeners}\n"
         "controller.listener.names=CONTROLLER\n"
         "inter.broker.listener.name=PLAINTEXT\n"
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+        f"listener.security.protocol.map={protocols}\n"
+        f"{sasl}"
         f"log.dirs={data_dir / 'log'}\n"
         "num.partitions=1\n"
         "offsets.topic.replication.factor=1\n"
@@ -519,11 +538,14 @@ def start_kafka(data_dir: Path) -> KafkaBroker:
     formatted = subprocess.run(  # noqa: S603
         [java, "-Xmx256m", f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}",
          "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", "-t", cluster_id,
-         "-c", str(data_dir / "server.properties")],
+         "-c", str(data_dir / "server.properties"),
+         *(arg for name, password in (scram_users or {}).items()
+           for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+           for arg in ("--add-scram", f"{mechanism}=[name={name},password={password}]"))],
         capture_output=True, text=True, check=False,
     )
     if formatted.returncode != 0:
         raise StackError(f"kafka-storage format failed: {formatted.stdout}{formatted.stderr}")
-    broker = KafkaBroker(libs, data_dir, port, controller_port)
+    broker = KafkaBroker(libs, data_dir, port, controller_port, sasl_port=sasl_port)
     broker.start()
     return broker

@@ -41,6 +41,11 @@ def test_environment_comes_from_prefixed_variables(monkeypatch):
         ({"audit_sink": "kafka", "audit_kafka_bootstrap": "k:9092",
           "audit_kafka_compression": "zstd"}, "QUERYGATE_AUDIT_KAFKA_COMPRESSION"),
         ({"audit_kafka_compression": "brotli"}, "QUERYGATE_AUDIT_KAFKA_COMPRESSION"),
+        ({"audit_kafka_security_protocol": "SASL_SSL", "audit_kafka_sasl_mechanism":
+          "OAUTHBEARER"}, "QUERYGATE_AUDIT_KAFKA_SASL_OAUTH_TOKEN_FILE"),
+        ({"audit_kafka_security_protocol": "SASL_SSL", "audit_kafka_sasl_mechanism": "PLAIN",
+          "audit_kafka_sasl_username": "u", "audit_kafka_sasl_password": "p",
+          "audit_kafka_sasl_oauth_token_file": "/t"}, "QUERYGATE_AUDIT_KAFKA_SASL_OAUTH_TOKEN_FILE"),
         ({"db_pool_min": 5, "db_pool_max": 2}, "QUERYGATE_DB_POOL_MIN"),
         ({"mask_hmac_key": "short"}, "QUERYGATE_MASK_HMAC_KEY"),
         ({"mask_hmac_key": "changeme-changeme-changeme"}, "QUERYGATE_MASK_HMAC_KEY"),
@@ -284,3 +289,21 @@ def test_kafka_batches_are_compressed_by_default():
     sink.settings = load_settings(audit_sink="kafka", audit_kafka_bootstrap="k:9092",
                                   audit_kafka_compression="none")
     assert sink._config()["compression_type"] is None
+
+
+def test_an_oauthbearer_token_is_read_from_its_file_at_every_authentication(tmp_path):
+    import asyncio
+
+    from app.audit import kafka_security
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    settings = load_settings(audit_kafka_security_protocol="SASL_SSL",
+                             audit_kafka_sasl_mechanism="OAUTHBEARER",
+                             audit_kafka_sasl_oauth_token_file=token)
+    config = kafka_security(settings)
+    assert config["sasl_mechanism"] == "OAUTHBEARER" and "ssl_context" in config
+    provider = config["sasl_oauth_token_provider"]
+    assert asyncio.run(provider.token()) == "first"
+    token.write_text("rotated")
+    assert asyncio.run(provider.token()) == "rotated"
