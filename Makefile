@@ -26,14 +26,50 @@ BUNDLE_SIGNING_KEY ?=
 help: ## list targets
 	@grep -E '^[a-zA-Z_/-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# Every environment is installed from a lock file with hashes (`make lock` writes them from
+# pyproject.toml): requirements.lock is the image's (runtime only), requirements-run.lock
+# `make run`'s (runtime and the embedded PostgreSQL), requirements-dev.lock the tests'.
+LOCKS       := requirements.lock requirements-run.lock requirements-dev.lock
+UV_VERSION  ?= 0.13.9
+CYCLONEDX_VERSION ?= 7.5.0
+UV_COMPILE  = $(VENV)/bin/uv pip compile pyproject.toml -q --universal --python-version 3.11 \
+              --generate-hashes --custom-compile-command "make lock"
+
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
+	@echo "venv: installing the locked test environment (requirements-dev.lock) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@ $(VENV)/.runtime
+
+# `make run` needs the runtime only: a venv that has the test tools has it too.
+$(VENV)/.runtime: pyproject.toml requirements-run.lock
+	@echo "run [1/3]: creating $(VENV) and installing querygate's runtime (requirements-run.lock; a minute or two the first time)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --progress-bar off --require-hashes -r requirements-run.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 .PHONY: venv
-venv: $(VENV)/.installed ## create the virtualenv and install querygate with its dev tools
+venv: $(VENV)/.installed ## create the virtualenv and install querygate with its dev tools (locked)
+
+.PHONY: lock
+lock: venv ## re-resolve the lock files and the SBOM from pyproject.toml (existing pins kept where they still fit)
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)" "cyclonedx-bom==$(CYCLONEDX_VERSION)"
+	@# The test environment first; the others are held to its versions, so every lock agrees.
+	$(UV_COMPILE) --extra dev -o requirements-dev.lock
+	$(UV_COMPILE) -c requirements-dev.lock -o requirements.lock
+	$(UV_COMPILE) -c requirements-dev.lock --extra embedded -o requirements-run.lock
+	$(MAKE) --no-print-directory sbom
+
+# The image's software bill of materials, from its lock file (CycloneDX 1.6 JSON);
+# tests/deploy/test_supply_chain.py fails when it no longer matches requirements.lock.
+.PHONY: sbom
+sbom: venv ## write sbom.cdx.json (CycloneDX) from requirements.lock
+	$(PY) -m pip install --quiet "cyclonedx-bom==$(CYCLONEDX_VERSION)"
+	$(VENV)/bin/cyclonedx-py requirements requirements.lock --pyproject pyproject.toml --output-reproducible --of JSON -o sbom.cdx.json 2>/dev/null
 
 # OPA: a given OPA_BIN, else an opa of the pinned version on PATH, else go install, else the
 # release binary. Cached in bin/ so a second run is instant.
@@ -48,9 +84,20 @@ $(OPA):
 	  echo "opa: building $(OPA_VERSION) with go install (a few minutes the first time)"; \
 	  GOBIN=$(CURDIR)/bin GOFLAGS=-buildvcs=false go install github.com/open-policy-agent/opa@$(OPA_VERSION); \
 	else \
-	  echo "opa: downloading the $(OPA_VERSION) release binary"; \
-	  curl -fsSL -o $@ https://openpolicyagent.org/downloads/$(OPA_VERSION)/opa_linux_amd64_static; \
-	  chmod +x $@; \
+	  os=$$(uname -s | tr A-Z a-z); arch=$$(uname -m); \
+	  case "$$arch" in x86_64|amd64) arch=amd64;; aarch64|arm64) arch=arm64;; \
+	    *) echo "opa: no release binary for $$os/$$arch; install Go or pass OPA_BIN"; exit 1;; esac; \
+	  case "$$os" in linux) name=opa_linux_$${arch}_static;; darwin) name=opa_darwin_$$arch;; \
+	    *) echo "opa: no release binary for $$os; install Go or pass OPA_BIN"; exit 1;; esac; \
+	  url=https://openpolicyagent.org/downloads/$(OPA_VERSION)/$$name; \
+	  echo "opa: downloading the $(OPA_VERSION) release binary $$name and checking its SHA-256"; \
+	  curl -fsSL -o $@.download $$url; \
+	  want=$$(curl -fsSL $$url.sha256 | awk '{print $$1}'); \
+	  have=$$( (sha256sum $@.download 2>/dev/null || shasum -a 256 $@.download) | awk '{print $$1}'); \
+	  if [ -z "$$want" ] || [ "$$want" != "$$have" ]; then \
+	    rm -f $@.download; echo "opa: checksum mismatch for $$name (want $$want, got $$have)"; exit 1; \
+	  fi; \
+	  chmod +x $@.download; mv $@.download $@; \
 	fi
 	@$@ version | head -1
 
@@ -139,7 +186,10 @@ $(REGAL): tools/regal/go.mod tools/regal/go.sum
 regal: $(REGAL) ## obtain the pinned Regal (Rego linter) into bin/
 
 .PHONY: run
-run: venv $(OPA) ## start PostgreSQL (embedded, demo data), OPA and the gateway on 127.0.0.1:8080
+run: $(VENV)/.runtime ## start PostgreSQL (embedded, demo data), OPA and the gateway on 127.0.0.1:8080
+	@[ -x $(OPA) ] || echo "run [2/3]: obtaining OPA $(OPA_VERSION) into bin/ (a few minutes the first time, with go install)"
+	@$(MAKE) --no-print-directory $(OPA)
+	@echo "run [3/3]: starting PostgreSQL, OPA and the gateway"
 	$(VENV)/bin/querygate dev --opa-bin $(OPA)
 
 .PHONY: policy-test
@@ -183,8 +233,20 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: test-banner venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
+
+.PHONY: test-banner
+test-banner:
+	@if [ -x $(OPA) ] && [ -f $(VENV)/.installed ] && [ -d .tools/kafka ]; then \
+	  echo "make test: the tools are in place; the tests take about 8 minutes on 2 cores"; \
+	else \
+	  echo "make test: first run: building OPA, kustomize and Regal with Go and fetching Kafka, pgjdbc and Debian packages (about 10 minutes), then about 8 minutes of tests"; \
+	fi
+
+.PHONY: test-unit
+test-unit: venv ## the unit tests only: no database, OPA or broker (well under a minute)
+	$(VENV)/bin/pytest tests/unit -q
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
 .PHONY: wrk

@@ -5,7 +5,8 @@ httptools' parser (the one uvicorn uses), the request built once as bytes and th
 decoded with orjson. make bench measured the alternatives on the 2-core machine: per
 decision it costs ~80 µs of the gateway's CPU against ~350 µs for opa-python-client's
 aiohttp session and more for httpx, and the gateway's CPU is what bounds its throughput
-(docs/benchmarks.md). opa-python-client still serves health, data and readiness calls.
+(docs/benchmarks.md). The health and data reads, rare and off the request path, use httpx
+(opa-python-client did, until it was dropped: aiohttp, requests and aiofiles for two GETs).
 
 No retries, except once when a reused keep-alive connection turns out closed before any
 byte of the answer arrived (OPA's idle timeout): evaluation has no side effects. Anything
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httptools
+import httpx
 import orjson
-from opa_client import AsyncOpaClient
 
 from app.errors import Unavailable
 from app.ids import new_id
@@ -392,18 +393,13 @@ class PolicyClient:
     """Asks OPA for decisions over one keep-alive connection pool."""
 
     def __init__(self, opa_url: str, decision_path: str, timeout_ms: int) -> None:
-        parts = urlsplit(opa_url)
         path = decision_path.strip("/")
         self._package, _, self._rule = path.rpartition("/")
         self._timeout = timeout_ms / 1000
-        self._client = AsyncOpaClient(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or (443 if parts.scheme == "https" else 80),
-            ssl=parts.scheme == "https",
-            retries=0,
-            timeout=self._timeout,
-        )
-        self._open = False
+        # Decisions go over DecisionTransport; the two reads that are no decision (a data
+        # document, /health) over httpx, opened on first use.
+        self._base = opa_url.rstrip("/")
+        self._client: httpx.AsyncClient | None = None
         self._transport = DecisionTransport(opa_url)
         # The revision probe (``revision``): the one in flight, and the one the callers who
         # arrived since it was sent are waiting for.
@@ -414,10 +410,9 @@ class PolicyClient:
             for rule in (self._rule, "approver_decision", "masking_profile")
         }
 
-    async def _session(self) -> AsyncOpaClient:
-        if not self._open:
-            await self._client._init_session()
-            self._open = True
+    def _session(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self._base, timeout=self._timeout)
         return self._client
 
     async def close(self) -> None:
@@ -427,9 +422,9 @@ class PolicyClient:
             # A probe cancelled before it started would leave its waiters waiting.
             self._next_probe.set_exception(_unavailable("the policy client is closed"))
         self._transport.close()
-        if self._open:
-            await self._client.close_connection()
-            self._open = False
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def decide(self, input_: dict[str, Any]) -> Decision:
         """Evaluate the decision for ``input_``; fail closed on every kind of trouble."""
@@ -530,10 +525,11 @@ class PolicyClient:
 
     async def data(self, path: str) -> Any:
         """A document of the policy's data (e.g. querygate/config/classification), or None."""
-        client = await self._session()
         try:
             async with asyncio.timeout(self._timeout):
-                body = await client.get_data(path)
+                response = await self._session().get(f"/v1/data/{path.strip('/')}")
+            response.raise_for_status()
+            body = response.json()
         except Exception as exc:
             log.info("OPA data %s unavailable: %s", path, type(exc).__name__)
             return None
@@ -541,9 +537,10 @@ class PolicyClient:
 
     async def ready(self) -> tuple[bool, str]:
         """OPA healthy and answering the decision with a well-formed object."""
-        client = await self._session()
         try:
-            if not await client.check_health():
+            async with asyncio.timeout(self._timeout):
+                health = await self._session().get("/health")
+            if health.status_code != 200:
                 return False, "OPA is not healthy"
         except Exception as exc:
             return False, f"OPA is unreachable: {type(exc).__name__}"

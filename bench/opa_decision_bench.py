@@ -1,6 +1,7 @@
-"""Decision round trip to a real OPA, three clients on the same input, OPA process and run:
-the gateway's PolicyClient (DecisionTransport), opa-python-client's AsyncOpaClient (aiohttp)
-and a keep-alive httpx client. Wall time per call and this process's CPU per call: the
+"""Decision round trip to a real OPA, two clients on the same input, OPA process and run:
+the gateway's PolicyClient (DecisionTransport) and a keep-alive httpx client
+(opa-python-client's aiohttp client was the third until it was dropped as a dependency;
+docs/benchmarks.md keeps its figures). Wall time per call and this process's CPU per call: the
 gateway's CPU is what bounds its throughput.
 
     .venv/bin/python bench/opa_decision_bench.py [N]
@@ -15,7 +16,6 @@ import time
 import httpx
 import orjson
 import uvloop
-from opa_client import AsyncOpaClient
 
 from app.devstack import start_opa
 from app.policy import PolicyClient, parse_decision
@@ -50,15 +50,7 @@ def report(name: str, samples: list[float], cpu_s: float) -> None:
 
 async def run(url: str, n: int) -> None:
     gateway_client = PolicyClient(url, "querygate/decision", timeout_ms=2000)
-    host, port = url.rsplit("/", 1)[1].split(":")
-    opa_client = AsyncOpaClient(host=host, port=int(port), retries=0, timeout=2)
-    await opa_client._init_session()
     httpx_client = httpx.AsyncClient(timeout=2, limits=httpx.Limits(max_keepalive_connections=8))
-
-    async def via_opa_client() -> object:
-        payload = await opa_client.query_rule(INPUT, "querygate", "decision",
-                                              query_params={"provenance": True})
-        return parse_decision(payload["result"], "x")
 
     async def via_httpx() -> object:
         response = await httpx_client.post(
@@ -70,11 +62,9 @@ async def run(url: str, n: int) -> None:
     try:
         for _ in range(200):  # warm every connection pool and OPA
             await gateway_client.decide(INPUT)
-            await via_opa_client()
             await via_httpx()
         for label, call in (
             ("PolicyClient (hot path)", lambda: gateway_client.decide(INPUT)),
-            ("opa-python-client (aiohttp)", via_opa_client),
             ("httpx keep-alive", via_httpx),
         ):
             samples = []
@@ -86,7 +76,6 @@ async def run(url: str, n: int) -> None:
             report(label, samples, time.process_time() - cpu)
     finally:
         await gateway_client.close()
-        await opa_client.close_connection()
         await httpx_client.aclose()
 
 

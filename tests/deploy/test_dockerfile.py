@@ -80,7 +80,16 @@ def test_dockerignore_admits_only_the_build_inputs():
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {line for line in lines if line.startswith("!")} == {"!pyproject.toml", "!README.md", "!app/"}
+    assert {line for line in lines if line.startswith("!")} == {
+        "!pyproject.toml", "!README.md", "!requirements.lock", "!app/"}
+
+
+def test_the_image_installs_the_lock_file_with_hashes_and_nothing_else():
+    """The build resolves nothing: the lock's pins with their hashes, then querygate alone."""
+    runs = " ".join(rest for keyword, rest in STEPS if keyword == "RUN")
+    assert "pip install --no-compile --require-hashes -r requirements.lock" in runs, runs
+    installs = re.findall(r"pip install ([^&]*)", runs)
+    assert all("--require-hashes" in i or "--no-deps" in i for i in installs), installs
 
 
 @pytest.mark.skipif(shutil.which("hadolint", path=str(Path(sys.executable).parent)) is None
