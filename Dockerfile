@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/querygate
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY app ./app
 # The runtime dependencies exactly as locked, each checked against its hash (make lock);
 # then querygate itself, with nothing resolved on the day of the build.

@@ -393,6 +393,10 @@ class Settings(BaseSettings):
     audit_kafka_ssl_cafile: Path | None = None
     # GET /metrics (Prometheus text format, unauthenticated: counts and timings only).
     metrics_enabled: bool = True
+    # OpenTelemetry traces (app/tracing.py; the otel extra), exported over OTLP/HTTP as the
+    # standard OTEL_EXPORTER_OTLP_* variables say.
+    otel_enabled: bool = False
+    otel_service_name: str = "querygate"
     # Serve /metrics on this port instead (on QUERYGATE_HOST; with several workers, each on
     # the first free port from here), so a NetworkPolicy can open it to Prometheus alone.
     metrics_port: int | None = Field(None, ge=0, le=65535)

@@ -31,6 +31,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from app import tracing
+
 __all__ = ["CONTENT_TYPE_LATEST", "REQUEST_ID", "JsonFormatter", "Metrics", "MetricsMiddleware", "StageClock"]
 
 # A counter's ``_created`` twin is one more series per label set that no dashboard reads.
@@ -231,6 +233,8 @@ class StageClock:
         self.durations_us[stage] = self.durations_us.get(stage, 0) + int(seconds * 1_000_000)
         if self.metrics is not None:
             self.metrics.observe_stage(stage, seconds)
+        if tracing.enabled():
+            tracing.stage(stage, seconds)
 
     def timer(self, stage: str) -> _Timer:
         return _Timer(self, stage)
@@ -273,6 +277,9 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID.get()
         if request_id is not None:
             line["request_id"] = request_id
+        ids = tracing.log_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in line:
                 line[key] = value

@@ -32,6 +32,7 @@ import httptools
 import httpx
 import orjson
 
+from app import tracing
 from app.errors import Unavailable
 from app.ids import new_id
 
@@ -355,7 +356,7 @@ class DecisionTransport:
         request = b"".join((
             b"POST ", self._prefix.encode(), path.encode(), b" HTTP/1.1\r\nHost: ",
             self._host_header, b"\r\nContent-Type: application/json\r\nContent-Length: ",
-            str(len(body)).encode(), b"\r\n\r\n", body,
+            str(len(body)).encode(), b"\r\n", tracing.traceparent_header(), b"\r\n", body,
         ))
         while self._idle:
             answer = self._idle.pop()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from app import tracing
 from app.approvals import Notifier
 from app.audit import AuditLog
 from app.config import ConfigError, Settings
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> Front:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        traced = tracing.configure(settings)  # a missing otel extra stops start-up here
         policy = PolicyClient(settings.opa_url, settings.opa_decision_path, settings.opa_timeout_ms)
         gateway = Gateway(
             mask_key=mask_key,
@@ -100,6 +102,8 @@ def create_app(settings: Settings) -> Front:
                 app.state.metrics_port = await asyncio.to_thread(exporter.start)
             yield
         finally:
+            if traced:
+                tracing.release()
             if exporter is not None:
                 await asyncio.to_thread(exporter.close)
             if wire is not None:
@@ -118,4 +122,4 @@ def create_app(settings: Settings) -> Front:
     openapi.install(app, settings)
     # Request ids and metrics for every request, and POST /v1/query without FastAPI's
     # stack (app/http/front.py); FastAPI serves the rest.
-    return Front(app, metrics)
+    return Front(app, metrics, traced=settings.otel_enabled)

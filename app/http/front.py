@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import tracing
 from app.http import query
 from app.http.common import RequestIdMiddleware, error_response
 from app.metrics import Metrics, MetricsMiddleware
@@ -36,8 +37,11 @@ _QUERY = _Route()
 class Front:
     """RequestIdMiddleware(MetricsMiddleware(lean /v1/query, else FastAPI))."""
 
-    def __init__(self, api: FastAPI, metrics: Metrics) -> None:
+    def __init__(self, api: FastAPI, metrics: Metrics, traced: bool = False) -> None:
         self.api = api
+        # This gateway's requests are spans (QUERYGATE_OTEL_ENABLED): the tracer is the
+        # process's, but another gateway in it may not trace.
+        self.traced = traced
         self._http: ASGIApp = RequestIdMiddleware(  # type: ignore[assignment]
             MetricsMiddleware(self._route, metrics)  # type: ignore[arg-type]
         )
@@ -48,10 +52,24 @@ class Front:
         return self.api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        else:  # the lifespan
+        if scope["type"] != "http":  # the lifespan
             await self.api(scope, receive, send)
+        elif not (self.traced and tracing.enabled()):
+            await self._http(scope, receive, send)
+        else:
+            with tracing.request_span(scope):
+                try:
+                    await self._http(scope, receive, send)
+                finally:
+                    state = scope.get("state") or {}
+                    audit = state.get("audit")
+                    route = scope.get("route")
+                    tracing.set_attributes(**{
+                        "http.route": getattr(route, "path", None) or "unmatched",
+                        "querygate.decision": getattr(audit, "label", None) or "none",
+                        "querygate.request_id": getattr(audit, "request_id", None) or "",
+                        "querygate.code": state.get("error_code") or "ok",
+                    })
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] != "/v1/query" or scope["method"] != "POST":

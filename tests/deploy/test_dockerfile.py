@@ -81,7 +81,7 @@ def test_dockerignore_admits_only_the_build_inputs():
              if line and not line.startswith("#")]
     assert lines[0] == "*"
     assert {line for line in lines if line.startswith("!")} == {
-        "!pyproject.toml", "!README.md", "!requirements.lock", "!app/"}
+        "!pyproject.toml", "!README.md", "!LICENSE", "!requirements.lock", "!app/"}
 
 
 def test_the_image_installs_the_lock_file_with_hashes_and_nothing_else():
