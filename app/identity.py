@@ -378,7 +378,21 @@ def identity_from_claims(
         issuer=issuer,
         auth="jwt",
         email=email,
+        attributes=_client(claims),
     )
+
+
+def _client(claims: dict[str, Any]) -> dict[str, str]:
+    """The OAuth client the token was issued to (RFC 9068 ``client_id``, else OIDC ``azp``):
+    an agent's name in the decision input (``request.agent``, docs/agents.md)."""
+    for name in ("client_id", "azp"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > 256:
+            raise Unauthenticated("invalid_token", f"the token's {name} claim must be a short string")
+        return {"client_id": value}
+    return {}
 
 
 def _service_account(claims: dict[str, Any], sub: str, issuer: str) -> Identity:
