@@ -10,18 +10,22 @@ import secrets
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from app.approvals import Notifier
 from app.audit import AuditLog
 from app.config import ConfigError, Settings
 from app.facts import FactsExtractor
 from app.gateway import Gateway
-from app.http import admin, approvals, catalog, health, openapi, query
+from app.http import admin, approvals, catalog, health, openapi, query, well_known
 from app.http.common import install_error_handlers
 from app.http.front import Front
 from app.identity import Authenticator
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
+from app.mcp import McpFront
+from app.mcp.server import PATH as MCP_PATH
+from app.mcp.server import running
 from app.metrics import Metrics
 from app.pgwire.server import PgServer
 from app.policy import DecisionCache, PolicyClient
@@ -43,6 +47,7 @@ def create_app(settings: Settings) -> Front:
     authenticator = Authenticator(settings)
     mask_key = _mask_key(settings)
     metrics = Metrics()
+    mcp = McpFront("0.1.0")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,7 +97,9 @@ def create_app(settings: Settings) -> Front:
             await wire.start()
         app.state.pgwire = wire
         try:
-            yield
+            # The MCP session manager (/mcp) runs for as long as the app does.
+            async with running(mcp):
+                yield
         finally:
             if wire is not None:
                 await wire.close()
@@ -103,8 +110,11 @@ def create_app(settings: Settings) -> Front:
                   docs_url="/docs" if settings.environment == "dev" else None,
                   openapi_url=None if settings.environment == "prod" else "/openapi.json")
     install_error_handlers(app)
-    for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
+    for router in (query.router, catalog.router, approvals.router, admin.router, health.router,
+                   well_known.router):
         app.include_router(router)
+    # The MCP endpoint (app/mcp/): an ASGI app of its own, which authenticates first.
+    app.router.routes.append(Route(MCP_PATH, endpoint=mcp, methods=["GET", "POST", "DELETE"]))
     if settings.metrics_enabled:
         app.include_router(health.metrics_router)
     openapi.install(app, settings)
