@@ -105,7 +105,7 @@ class McpFront:
             return await gateway.authenticator.authenticate(
                 request.headers, request.client.host if request.client else None)
         except Unauthenticated as exc:
-            await self._audit(request, gateway, None, "auth").auth_failed(exc)
+            await self._audit(request, gateway, None, None, request.method).auth_failed(exc)
             raise
 
     @staticmethod
@@ -145,7 +145,9 @@ class McpFront:
         request: Request = self.server.request_context.request  # type: ignore[assignment]
         gateway: Gateway = request.app.state.gateway
         identity: Identity = request.state.querygate_identity
-        audit = self._audit(request, gateway, identity, name)
+        # An unknown tool's name is the caller's text: not on record, the refusal is.
+        audit = self._audit(request, gateway, identity, name if name in tools.NAMES else None,
+                            "tools/call")
         budget = Budget.start(gateway.settings)
         meta = Meta(audit.request_id, audit.source_ip, budget, "mcp")
         try:
@@ -169,7 +171,7 @@ class McpFront:
 
     @staticmethod
     def _audit(request: Request, gateway: Gateway, identity: Identity | None,
-               tool: str) -> RequestAudit:
+               tool: str | None, method: str) -> RequestAudit:
         assert gateway.audit is not None
         state = request.scope.get("state", {})
         # One JSON-RPC message per POST (stateless): the tool call is the HTTP request.
@@ -177,10 +179,8 @@ class McpFront:
         return RequestAudit(
             log=gateway.audit, request_id=rid,
             source_ip=request.client.host if request.client else None,
-            method="tools/call" if tool != "auth" else request.method, path=PATH,
-            clock=StageClock(gateway.metrics), identity=identity, channel="mcp",
-            tool=tool if tool != "auth" else None,
-            agent=agent_input(identity) if identity is not None else None,
+            method=method, path=PATH, clock=StageClock(gateway.metrics), identity=identity,
+            channel="mcp", tool=tool, agent=agent_input(identity) if identity is not None else None,
         )
 
     async def _tool(self, gateway: Gateway, audit: RequestAudit, identity: Identity, meta: Meta,
