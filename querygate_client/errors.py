@@ -8,7 +8,8 @@ code of the gateway's one error shape (docs/errors.md)::
      │    └── TokenExpired               token_expired
      ├── Forbidden             403       function_denied, masked_column_predicate, …
      │    ├── PolicyDenied               policy_denied (``reasons``: the policy's)
-     │    └── ApprovalNotAccepted        approval_not_accepted, approval_* refusals
+     │    └── ApprovalNotAccepted        approval_not_accepted, approval_not_usable,
+     │                                   approval_expired, approval_mismatch, approval_not_pending
      ├── NotFound              404       approval_not_found, not_found
      ├── PayloadTooLarge       413       payload_too_large, sql_too_large, response_too_large
      ├── Unprocessable         422       unknown_object, invalid_parameters, …
@@ -123,6 +124,10 @@ BY_CODE: dict[str, type[QuerygateError]] = {
     "token_expired": TokenExpired,
     "policy_denied": PolicyDenied,
     "approval_not_accepted": ApprovalNotAccepted,
+    "approval_not_usable": ApprovalNotAccepted,
+    "approval_expired": ApprovalNotAccepted,
+    "approval_mismatch": ApprovalNotAccepted,
+    "approval_not_pending": ApprovalNotAccepted,
     "rate_limited": RateLimited,
     "too_many_concurrent": TooManyConcurrent,
     "row_budget_exhausted": RowBudgetExhausted,
