@@ -144,7 +144,10 @@ def arguments(tool: str, args: Any, settings: Settings) -> dict[str, Any]:
     """The tool's arguments, checked; a problem names the field, never its value."""
     if not isinstance(args, dict):
         raise _invalid([{"field": "arguments", "problem": "must be an object"}])
-    problems = [{"field": k, "problem": "unknown field"} for k in sorted(set(args) - _FIELDS[tool])]
+    # An unknown field's name is the caller's text too: counted, never quoted.
+    unknown = len(set(args) - _FIELDS[tool])
+    problems = [{"field": "arguments", "problem": f"{unknown} unknown field(s); the input "
+                 "schema lists the fields"}] if unknown else []
     out: dict[str, Any] = {}
     if "sql" in _FIELDS[tool]:
         sql = args.get("sql")
