@@ -371,7 +371,7 @@ def identity_from_claims(
     email = claim(claims, mapping.email)
     if email is not None and not isinstance(email, str):
         raise Unauthenticated("invalid_token", "the token's email claim must be a string")
-    return Identity(
+    identity = Identity(
         sub=sub,
         groups=_strings(claims, mapping.groups, "groups"),
         roles=_strings(claims, mapping.roles, "roles"),
@@ -379,6 +379,20 @@ def identity_from_claims(
         auth="jwt",
         email=email,
         attributes=_client(claims),
+    )
+    act = claims.get("act")
+    if act is None:
+        return identity
+    # Token exchange (RFC 8693 §4.1): the token is the person's (sub, groups), issued to an
+    # actor that acts for them (act.sub; the outermost act is the current actor). The caller
+    # is the actor, the person is on_behalf_of: as with X-Querygate-On-Behalf-Of.
+    actor = act.get("sub") if isinstance(act, dict) else None
+    if not isinstance(actor, str) or not actor or len(actor) > 256:
+        raise Unauthenticated("invalid_token", "the token's act claim must name its actor (sub)")
+    return Identity(
+        sub=actor, groups=(), issuer=issuer, auth="jwt",
+        attributes={**identity.attributes, "delegation": "token_exchange"},
+        on_behalf_of=replace(identity, attributes={}),
     )
 
 
@@ -725,6 +739,10 @@ class Authenticator:
         else:
             raise Unauthenticated("missing_token", "an Authorization: Bearer token is required")
         person_header = _one_header(headers, ON_BEHALF_OF_HEADER)
+        if person_header is not None and service.on_behalf_of is not None:
+            # A token-exchange token names its person already: a second one is ambiguous.
+            raise Unauthenticated("invalid_token", "X-Querygate-On-Behalf-Of with a token "
+                                  "that acts for someone already (act claim)")
         if person_header is not None:
             try:
                 person = await self._bearer(person_header)

@@ -411,3 +411,34 @@ async def test_agents_get_the_lower_row_cap(gw, alice):
     assert capped.structuredContent["row_count"] == 100
     assert capped.structuredContent["truncated"] is True
     assert mine.structuredContent["row_count"] == 7 and mine.structuredContent["truncated"]
+
+
+# --- on behalf of ---------------------------------------------------------------------------
+
+
+async def test_an_agent_acting_for_a_person_is_on_record_both_ways(trail, keys):
+    """X-Querygate-On-Behalf-Of (a second token) and a token-exchange token's act claim."""
+    header = {**keys.headers("svc-agent", ["analysts"], client_id="claude-desktop"),
+              "x-querygate-on-behalf-of": f"Bearer {keys.token('alice', ['analysts'])}"}
+    exchanged = keys.headers("alice", ["analysts"], act={"sub": "svc-agent"},
+                             client_id="claude-desktop")
+    traced = Traced()
+    async with session(trail.gateway.url, header, traced) as client:
+        allowed = await client.call_tool("explain", {"sql": "SELECT id FROM customers"})
+    async with session(trail.gateway.url, exchanged, traced) as client:
+        # The actor has no groups of its own: the shipped policy grants it nothing; a policy
+        # may grant on input.identity.on_behalf_of (docs/agents.md).
+        refused = await client.call_tool("explain", {"sql": "SELECT id FROM customers"})
+    assert allowed.structuredContent["decision"]["allow"] is True
+    assert refused.structuredContent["decision"]["allow"] is False
+    rids = [rid for method, _, rid in traced.calls if method == "tools/call"]
+    events = [e for e in trail.events() if (e.get("request") or {}).get("id") in rids]
+    assert len(events) == 2
+    for event in events:
+        assert event["request"]["agent"]["on_behalf_of"] == "alice"
+        assert event["request"]["agent"]["id"] == "claude-desktop"
+        assert event["identity"]["sub"] == "svc-agent"
+        assert event["identity"]["on_behalf_of"]["sub"] == "alice"
+    ambiguous = {**exchanged, "x-querygate-on-behalf-of": header["x-querygate-on-behalf-of"]}
+    response = trail.gateway.client.post("/mcp", json=INITIALIZE, headers={**ACCEPT, **ambiguous})
+    assert _challenge(response, trail.gateway.url) == "invalid_token"

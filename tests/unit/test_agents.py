@@ -105,3 +105,16 @@ def test_a_tokens_client_id_or_azp_is_the_client_id_attribute():
     for bad in (7, "", "x" * 300, ["a"]):
         with pytest.raises(Unauthenticated):
             identity_from_claims(_claims(client_id=bad))
+
+
+def test_a_token_exchange_token_is_its_actor_acting_for_its_subject():
+    identity = identity_from_claims(_claims(act={"sub": "agent-7", "act": {"sub": "older"}},
+                                            client_id="claude"))
+    assert identity.sub == "agent-7" and identity.groups == ()
+    assert identity.attributes == {"client_id": "claude", "delegation": "token_exchange"}
+    person = identity.on_behalf_of
+    assert person is not None and person.sub == "alice" and person.groups == ("analysts",)
+    assert person.attributes == {}
+    for bad in ({"sub": ""}, {"client": "x"}, "agent", {"sub": 7}):
+        with pytest.raises(Unauthenticated):
+            identity_from_claims(_claims(act=bad))
