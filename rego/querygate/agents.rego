@@ -11,7 +11,7 @@ is_agent if input.request.channel == "mcp"
 # Agents are read-only unless a rule says otherwise: an agent named in agents.writers, or
 # one whose token is in a group of agents.writer_groups, may write (every other rule still
 # holds: protected tables still need an approval, unbounded writes are still refused).
-deny contains {"rule": "agent_read_only", "message": "agents may only read: this agent is not an agent writer (agents.writers, agents.writer_groups)"} if {
+deny contains {"rule": "agent_read_only", "message": "agents may only read: this agent is not an agent writer"} if {
 	is_agent
 	agent_changes_data
 	not agent_may_write
