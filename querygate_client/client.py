@@ -114,17 +114,10 @@ class Client:
             time.sleep(interval_s)
 
 
-class RowIterator:
-    """The rows of an NDJSON answer; ``columns`` and ``masked`` once the header is read,
-    ``complete`` and ``row_count`` at the end. A cut stream raises its typed error."""
+class _Rows:
+    """What both row iterators say about their stream, read off its ``StreamState``."""
 
-    def __init__(self, lines: Iterator[str]) -> None:
-        self._lines = lines
-        self.state = StreamState()
-        for raw in lines:  # the header line comes first
-            self.state.line(raw)
-            if self.state.header is not None:
-                break
+    state: StreamState
 
     @property
     def columns(self) -> list[str]:
@@ -137,6 +130,19 @@ class RowIterator:
     @property
     def complete(self) -> bool:
         return self.state.complete
+
+
+class RowIterator(_Rows):
+    """The rows of an NDJSON answer; ``columns`` and ``masked`` once the header is read,
+    ``complete`` and ``row_count`` at the end. A cut stream raises its typed error."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self.state = StreamState()
+        for raw in lines:  # the header line comes first
+            self.state.line(raw)
+            if self.state.header is not None:
+                break
 
     def __iter__(self) -> Iterator[list[Any]]:
         for raw in self._lines:
@@ -228,7 +234,7 @@ class AsyncClient:
             await asyncio.sleep(interval_s)
 
 
-class AsyncRowIterator:
+class AsyncRowIterator(_Rows):
     """The asynchronous twin of ``RowIterator``."""
 
     def __init__(self, lines: AsyncIterator[str]) -> None:
@@ -240,18 +246,6 @@ class AsyncRowIterator:
             self.state.line(raw)
             if self.state.header is not None:
                 return
-
-    @property
-    def columns(self) -> list[str]:
-        return self.state.columns
-
-    @property
-    def masked(self) -> dict[str, str]:
-        return self.state.masked
-
-    @property
-    def complete(self) -> bool:
-        return self.state.complete
 
     def __aiter__(self) -> AsyncIterator[list[Any]]:
         return self._rows()

@@ -82,14 +82,17 @@ APPROVAL_OUTPUT = _object({
     "next": {"type": "string"},
 }, ["approval", "next"])
 
+# Reads nothing it could change, and answers the same twice; no world beyond the database.
+_READ_ONLY = types.ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
+                                   openWorldHint=False)
+
 TOOLS: list[types.Tool] = [
     types.Tool(
         name="catalog", title="What you may read",
         description="The tables and columns this caller may read, each column with the mask "
         "policy applies to it now (null: served raw). Decided by policy; nothing is run.",
         inputSchema=_object({}, []), outputSchema=CATALOG_OUTPUT,
-        annotations=types.ToolAnnotations(readOnlyHint=True, destructiveHint=False,
-                                           idempotentHint=True, openWorldHint=False),
+        annotations=_READ_ONLY,
     ),
     types.Tool(
         name="explain", title="Facts and decision",
@@ -97,8 +100,7 @@ TOOLS: list[types.Tool] = [
         "what policy decides for it; nothing is executed.",
         inputSchema=_object({"sql": _SQL, "params": _PARAMS}, ["sql"]),
         outputSchema=EXPLAIN_OUTPUT,
-        annotations=types.ToolAnnotations(readOnlyHint=True, destructiveHint=False,
-                                           idempotentHint=True, openWorldHint=False),
+        annotations=_READ_ONLY,
     ),
     types.Tool(
         name="query", title="Run SQL, governed",
@@ -124,8 +126,7 @@ TOOLS: list[types.Tool] = [
         inputSchema=_object({"approval_id": {"type": "string", "minLength": 1, "maxLength": 64}},
                             ["approval_id"]),
         outputSchema=APPROVAL_OUTPUT,
-        annotations=types.ToolAnnotations(readOnlyHint=True, destructiveHint=False,
-                                           idempotentHint=True, openWorldHint=False),
+        annotations=_READ_ONLY,
     ),
 ]
 NAMES = frozenset(t.name for t in TOOLS)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from app.devstack import start_opa
 from tests.conftest import AUDIENCE, ISSUER
 from tests.integration.mcp_client import Traced, session, text_of
 from tests.integration.test_audit import Trail, event_validator
-from tests.integration.test_masking import VECTORS
+from tests.integration.test_masking import VECTORS, _cells
 from tests.integration.test_masking_db import LEAKS
 
 pytestmark = pytest.mark.integration
@@ -61,17 +60,6 @@ def sec(keys):
 def raw(db) -> set[str]:
     rows = db.fetch("SELECT email, ssn, card_number FROM customers")
     return {str(r[name]) for r in rows for name in SENSITIVE}
-
-
-def _cells(value: Any) -> Iterator[str]:
-    if isinstance(value, list):
-        for item in value:
-            yield from _cells(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _cells(item)
-    elif value is not None:
-        yield str(value)
 
 
 def _leaks(texts: list[str], raw: set[str]) -> list[str]:
