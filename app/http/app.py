@@ -114,7 +114,7 @@ def create_app(settings: Settings) -> Front:
                    well_known.router):
         app.include_router(router)
     # The MCP endpoint (app/mcp/): an ASGI app of its own, which authenticates first.
-    app.router.routes.append(Route(MCP_PATH, endpoint=mcp, methods=["GET", "POST", "DELETE"]))
+    app.router.routes.append(Route(MCP_PATH, endpoint=mcp))
     if settings.metrics_enabled:
         app.include_router(health.metrics_router)
     openapi.install(app, settings)

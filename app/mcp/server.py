@@ -34,7 +34,14 @@ from starlette.types import Message, Receive, Scope, Send
 from app import pipeline
 from app.approvals import Approval
 from app.audit import RequestAudit
-from app.errors import GatewayError, Internal, NotFound, PayloadTooLarge, Unauthenticated
+from app.errors import (
+    GatewayError,
+    Internal,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+)
 from app.gateway import Gateway
 from app.identity import Identity
 from app.ids import new_id
@@ -48,6 +55,12 @@ log = logging.getLogger("querygate.mcp")
 PATH = "/mcp"
 RESOURCE_METADATA = "/.well-known/oauth-protected-resource"
 _IDENTITY = "querygate_identity"
+
+
+class _Route:
+    """What the metrics read of a matched route (its path template)."""
+
+    path = PATH
 
 
 def resource_metadata(base_url: str, issuers: list[str]) -> dict[str, Any]:
@@ -91,6 +104,13 @@ class McpFront:
         request = Request(scope, receive)
         gateway: Gateway = request.app.state.gateway
         state = scope.setdefault("state", {})
+        scope["route"] = _Route()
+        if request.method != "POST":
+            # Stateless: no stream for the server to push on (a GET would stay open
+            # forever) and no session to end (DELETE).
+            await self._refuse(request, MethodNotAllowed(
+                "method_not_allowed", "/mcp answers POST only (stateless streamable HTTP)"), send)
+            return
         try:
             identity = await self._authenticate(request, gateway)
             body = await self._body(request, gateway.settings.max_request_bytes)
@@ -125,8 +145,12 @@ class McpFront:
 
     @staticmethod
     async def _refuse(request: Request, exc: GatewayError, send: Send) -> None:
-        rid = request.scope.get("state", {}).get("request_id") or new_id()
+        state = request.scope.setdefault("state", {})
+        state["error_code"] = exc.code  # for the metrics
+        rid = state.get("request_id") or new_id()
         headers = [(b"content-type", b"application/json")]
+        if isinstance(exc, MethodNotAllowed):
+            headers.append((b"allow", b"POST"))
         if isinstance(exc, Unauthenticated):
             # RFC 9728 §5.1: where an MCP client finds how to get a token for this resource.
             challenge = (f'Bearer resource_metadata="{_base_url(request)}{RESOURCE_METADATA}", '
@@ -148,6 +172,8 @@ class McpFront:
         # An unknown tool's name is the caller's text: not on record, the refusal is.
         audit = self._audit(request, gateway, identity, name if name in tools.NAMES else None,
                             "tools/call")
+        # The metrics count the HTTP request by this call's decision and code.
+        request.scope["state"]["audit"] = audit
         budget = Budget.start(gateway.settings)
         meta = Meta(audit.request_id, audit.source_ip, budget, "mcp")
         try:
@@ -158,8 +184,10 @@ class McpFront:
                 args = tools.arguments(name, arguments, gateway.settings)
                 return await self._tool(gateway, audit, identity, meta, name, args)
         except GatewayError as exc:
+            request.scope["state"]["error_code"] = exc.code
             return tools.error(exc, audit.request_id)
         except Exception as exc:
+            request.scope["state"]["error_code"] = "internal_error"
             # Where it happened, never what: an exception's message may quote data or SQL.
             log.error("unexpected %s in MCP tool %s (request %s) at %s", type(exc).__name__,
                       name, audit.request_id, " <- ".join(

@@ -430,3 +430,22 @@ async def test_an_agent_acting_for_a_person_is_on_record_both_ways(trail, keys):
     ambiguous = {**exchanged, "x-querygate-on-behalf-of": header["x-querygate-on-behalf-of"]}
     response = trail.gateway.client.post("/mcp", json=INITIALIZE, headers={**ACCEPT, **ambiguous})
     assert _challenge(response, trail.gateway.url) == "invalid_token"
+
+
+def test_mcp_answers_post_only_and_never_holds_a_stream_open(gw, alice):
+    for method in ("GET", "DELETE", "PUT"):
+        response = gw.client.request(method, "/mcp", headers={**alice, **ACCEPT}, timeout=5)
+        assert response.status_code == 405, method
+        assert response.headers["allow"] == "POST"
+        assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_tool_calls_are_counted_in_the_metrics(gw, alice):
+    before = gw.client.get("/metrics").text
+    gw.client.post("/mcp", json={"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+        "name": "query", "arguments": {"sql": "DROP TABLE orders"}}}, headers={**alice, **ACCEPT})
+    after = gw.client.get("/metrics").text
+    line = 'querygate_requests_total{code="policy_denied",decision="deny",route="/mcp"}'
+    count = [float(t.split()[-1]) for t in after.splitlines() if t.startswith(line)]
+    was = [float(t.split()[-1]) for t in before.splitlines() if t.startswith(line)]
+    assert count and count[0] == (was[0] if was else 0) + 1
