@@ -14,6 +14,7 @@ WORKDIR /src
 RUN python -m venv /opt/querygate
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY querygate_client ./querygate_client
 RUN /opt/querygate/bin/pip install --no-compile . \
     && /opt/querygate/bin/python -m compileall -q /opt/querygate/lib
 
