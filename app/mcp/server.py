@@ -28,6 +28,7 @@ import orjson
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
@@ -114,11 +115,28 @@ class McpFront:
         try:
             identity = await self._authenticate(request, gateway)
             body = await self._body(request, gateway.settings.max_request_bytes)
+            message = _message(body)
+            if isinstance(message, _Malformed):
+                await _answer(send, 400, orjson.dumps(message.error()))
+                return
+            if not _is_tool_call(message):
+                # A tool call is admitted as a governed request (``_call_tool``); every
+                # other message here, so no caller can send them without a limit.
+                await self._admit(request, gateway, identity,
+                                  str(getattr(message.root, "method", "rpc")))
         except GatewayError as exc:
             await self._refuse(request, exc, send)
             return
         state[_IDENTITY] = identity
         await self.manager.handle_request(scope, _replay(body, receive), send)
+
+    async def _admit(self, request: Request, gateway: Gateway, identity: Identity,
+                     method: str) -> None:
+        try:
+            pipeline.admit(gateway, identity)
+        except GatewayError as exc:
+            await self._audit(request, gateway, identity, None, method[:64]).refused(exc)
+            raise
 
     async def _authenticate(self, request: Request, gateway: Gateway) -> Identity:
         try:
@@ -151,14 +169,14 @@ class McpFront:
         headers = [(b"content-type", b"application/json")]
         if isinstance(exc, MethodNotAllowed):
             headers.append((b"allow", b"POST"))
+        for name, value in getattr(exc, "headers", {}).items():  # a 429's Retry-After
+            headers.append((name.lower().encode(), value.encode()))
         if isinstance(exc, Unauthenticated):
             # RFC 9728 §5.1: where an MCP client finds how to get a token for this resource.
             challenge = (f'Bearer resource_metadata="{_base_url(request)}{RESOURCE_METADATA}", '
                          f'error="invalid_token", error_description="{exc.code}"')
             headers.append((b"www-authenticate", challenge.encode()))
-        body = orjson.dumps(exc.body(rid))
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, exc.status, orjson.dumps(exc.body(rid)), headers)
 
     # --- the tools --------------------------------------------------------------------------
 
@@ -294,6 +312,55 @@ def _rows(outcome: Rows) -> dict[str, Any]:
         "decision_id": outcome.decision.id,
         "notices": outcome.notices,
     }
+
+
+async def _answer(send: Send, status: int, body: bytes,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers or [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Malformed:
+    """A body that is not an MCP message: answered here, in JSON-RPC, with a fixed message.
+
+    The SDK would answer (and log) pydantic's account of the problem, which quotes the
+    values sent; the gateway never echoes a value, so the SDK never sees such a body."""
+
+    def __init__(self, code: int, message: str, id_: types.RequestId | None = None) -> None:
+        self.code, self.message, self.id = code, message, id_
+
+    def error(self) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": self.id if self.id is not None else "server-error",
+                "error": {"code": self.code, "message": self.message}}
+
+
+def _message(body: bytes) -> types.JSONRPCMessage | _Malformed:
+    """The body as one MCP message the SDK will accept, or why not (without a value)."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _Malformed(types.PARSE_ERROR, "Parse error: the body is not JSON")
+    try:
+        message = types.JSONRPCMessage.model_validate(raw)
+    except ValidationError:
+        return _Malformed(types.INVALID_REQUEST, "Invalid Request: not one JSON-RPC 2.0 message")
+    root = message.root
+    typed: Any = (types.ClientRequest if isinstance(root, types.JSONRPCRequest)
+                  else types.ClientNotification if isinstance(root, types.JSONRPCNotification)
+                  else None)
+    if typed is not None:
+        try:  # as the SDK's session will read it
+            typed.model_validate(root.model_dump(by_alias=True, mode="json", exclude_none=True))
+        except ValidationError:
+            return _Malformed(types.INVALID_PARAMS, "Invalid params: not a request of MCP, or "
+                              "its params do not match it",
+                              root.id if isinstance(root, types.JSONRPCRequest) else None)
+    return message
+
+
+def _is_tool_call(message: types.JSONRPCMessage) -> bool:
+    return isinstance(message.root, types.JSONRPCRequest) and message.root.method == "tools/call"
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

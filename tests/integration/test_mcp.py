@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -449,3 +450,36 @@ def test_tool_calls_are_counted_in_the_metrics(gw, alice):
     count = [float(t.split()[-1]) for t in after.splitlines() if t.startswith(line)]
     was = [float(t.split()[-1]) for t in before.splitlines() if t.startswith(line)]
     assert count and count[0] == (was[0] if was else 0) + 1
+
+
+def test_a_body_that_is_not_mcp_is_answered_without_its_values(gw, alice):
+    secret = "s3cr3t-value-4711"
+    bodies = [
+        b"not json " + secret.encode(),
+        orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": secret}),
+        orjson.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                      "params": {"name": "query", "arguments": secret}}),
+        orjson.dumps({"jsonrpc": "1.0", "id": 3, "method": "ping", "x": secret}),
+    ]
+    codes = []
+    for body in bodies:
+        response = gw.client.post("/mcp", content=body, headers={**ACCEPT, **alice})
+        assert response.status_code == 400, response.text
+        assert secret not in response.text
+        codes.append(response.json()["error"]["code"])
+    assert codes == [-32700, -32602, -32602, -32600]
+
+
+def test_every_mcp_message_counts_against_the_callers_rate(make_gateway, keys):
+    limited = make_gateway(rate_limit_per_s=0.01, rate_limit_burst=2)
+    headers = {**ACCEPT, **keys.headers("rita", ["analysts"])}
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    assert limited.client.post("/mcp", json=ping, headers=headers).status_code == 200
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "query", "arguments": {"sql": "SELECT 1"}}}
+    assert limited.client.post("/mcp", json=call, headers=headers).json()["result"]["isError"] is False
+    refused = limited.client.post("/mcp", json=ping, headers=headers)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limited"
+    over = limited.client.post("/mcp", json=call, headers=headers).json()["result"]
+    assert over["isError"] is True and over["structuredContent"]["error"]["code"] == "rate_limited"
