@@ -382,12 +382,16 @@ async def test_an_agent_gets_its_rows_per_hour_and_then_row_budget_exhausted(bud
     assert fresh.structuredContent["row_count"] == 3
 
 
-async def test_a_refused_statement_costs_no_budget(budget_gateway, keys):
+async def test_a_refused_or_failed_statement_costs_no_budget(budget_gateway, keys):
     agent = keys.headers("bob", ["analysts"], client_id="refused-agent")
     async with session(budget_gateway.url, agent) as client:
         for _ in range(3):
-            bad = await client.call_tool("query", {"sql": "SELECT nope FROM customers"})
-            assert bad.isError is True
+            # Refused before anything is reserved, and failed in PostgreSQL after the
+            # reservation (its rows go back).
+            refused = await client.call_tool("query", {"sql": "SELECT nope FROM customers"})
+            failed = await client.call_tool("query", {"sql": "SELECT 1 / (id - id) FROM customers"})
+            assert refused.isError is True and failed.isError is True
+            assert failed.structuredContent["error"]["code"] != "row_budget_exhausted"
         good = await client.call_tool("query", {"sql": "SELECT id FROM customers LIMIT 5"})
     assert good.structuredContent["row_count"] == 5
 
