@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.http.common import gateway_of, render
-from app.mcp.server import PATH, RESOURCE_METADATA, resource_metadata
+from app.mcp.server import PATH, RESOURCE_METADATA, base_url, resource_metadata
 
 router = APIRouter()
 
@@ -17,4 +17,4 @@ router = APIRouter()
 async def protected_resource(request: Request) -> Response:
     """The protected-resource metadata of /mcp; the root and the path-suffixed form."""
     issuers = sorted(gateway_of(request).authenticator.issuers)
-    return render(resource_metadata(str(request.base_url), issuers))
+    return render(resource_metadata(base_url(request), issuers))

@@ -75,8 +75,13 @@ def resource_metadata(base_url: str, issuers: list[str]) -> dict[str, Any]:
     }
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+_URL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:/[]_")
+
+
+def base_url(request: Request) -> str:
+    """The gateway's URL as the client reached it, with nothing of a Host header that could
+    leave a quoted header parameter."""
+    return "".join(c for c in str(request.base_url).rstrip("/") if c in _URL_CHARS)
 
 
 class McpFront:
@@ -113,8 +118,11 @@ class McpFront:
                 "method_not_allowed", "/mcp answers POST only (stateless streamable HTTP)"), send)
             return
         try:
-            identity = await self._authenticate(request, gateway)
-            body = await self._body(request, gateway.settings.max_request_bytes)
+            # The request's deadline holds for what the gateway reads before the SDK: a
+            # body that trickles in is 504 request_timeout, not a request held forever.
+            async with pipeline.within(Budget.start(gateway.settings).at):
+                identity = await self._authenticate(request, gateway)
+                body = await self._body(request, gateway.settings.max_request_bytes)
             message = _message(body)
             if isinstance(message, _Malformed):
                 await _answer(send, 400, orjson.dumps(message.error()))
@@ -173,7 +181,7 @@ class McpFront:
             headers.append((name.lower().encode(), value.encode()))
         if isinstance(exc, Unauthenticated):
             # RFC 9728 §5.1: where an MCP client finds how to get a token for this resource.
-            challenge = (f'Bearer resource_metadata="{_base_url(request)}{RESOURCE_METADATA}", '
+            challenge = (f'Bearer resource_metadata="{base_url(request)}{RESOURCE_METADATA}", '
                          f'error="invalid_token", error_description="{exc.code}"')
             headers.append((b"www-authenticate", challenge.encode()))
         await _answer(send, exc.status, orjson.dumps(exc.body(rid)), headers)

@@ -487,3 +487,31 @@ def test_every_mcp_message_counts_against_the_callers_rate(make_gateway, keys):
     assert refused.json()["error"]["code"] == "rate_limited"
     over = limited.client.post("/mcp", json=call, headers=headers).json()["result"]
     assert over["isError"] is True and over["structuredContent"]["error"]["code"] == "rate_limited"
+
+
+def test_a_body_that_trickles_in_ends_at_the_deadline(make_gateway, keys):
+    import socket
+
+    slow = make_gateway(statement_timeout_ms=500, request_timeout_ms=1000)
+    token = keys.token("alice", ["analysts"])
+    with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
+        sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Accept: application/json, text/event-stream\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        answer = sock.recv(4096).decode()
+    assert time.monotonic() - started < 5
+    assert answer.startswith("HTTP/1.1 504") and "request_timeout" in answer
+
+
+def test_a_host_header_cannot_break_the_challenge(gw):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b'POST /mcp HTTP/1.1\r\nHost: evil.example", x="1\r\n'
+                     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 401")
+    [header] = [line for line in answer.split("\r\n") if line.lower().startswith("www-auth")]
+    assert header.count('"') == 6, header  # three parameters, each quoted once
