@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -93,7 +94,7 @@ class Client:
 
     def approvals(self, status: str | None = None) -> list[Approval]:
         """Your own requests and those awaiting one of your groups."""
-        path = "/v1/approvals" + (f"?status={status}" if status else "")
+        path = "/v1/approvals" + (f"?status={quote(status)}" if status else "")
         return _core.approvals(self._send(Call("GET", path)))
 
     def approve(self, approval_id: str, comment: str | None = None) -> Approval:
@@ -215,7 +216,7 @@ class AsyncClient:
         return _core.approval(await self._send(_core.approval_call(approval_id)))
 
     async def approvals(self, status: str | None = None) -> list[Approval]:
-        path = "/v1/approvals" + (f"?status={status}" if status else "")
+        path = "/v1/approvals" + (f"?status={quote(status)}" if status else "")
         return _core.approvals(await self._send(Call("GET", path)))
 
     async def approve(self, approval_id: str, comment: str | None = None) -> Approval:

@@ -11,6 +11,7 @@ code of the gateway's one error shape (docs/errors.md)::
      │    └── ApprovalNotAccepted        approval_not_accepted, approval_not_usable,
      │                                   approval_expired, approval_mismatch, approval_not_pending
      ├── NotFound              404       approval_not_found, not_found
+     ├── RequestTimeout        408       statement_timeout
      ├── PayloadTooLarge       413       payload_too_large, sql_too_large, response_too_large
      ├── Unprocessable         422       unknown_object, invalid_parameters, …
      ├── TooManyRequests       429       ``retry_after_s``
@@ -18,8 +19,11 @@ code of the gateway's one error shape (docs/errors.md)::
      │    ├── TooManyConcurrent          too_many_concurrent
      │    └── RowBudgetExhausted         row_budget_exhausted
      ├── Unavailable           503       policy_unavailable, database_unavailable, audit_unavailable
-     ├── GatewayTimeout        504       request_timeout, statement_timeout
+     ├── GatewayTimeout        504       request_timeout
      └── ServerError           5xx       internal_error and anything else
+
+The last line of an NDJSON stream that was cut carries a code but no status (the stream
+began 200): its class is the one of the status that code has elsewhere (``STATUS_OF``).
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class NotFound(QuerygateError):
     pass
 
 
+class RequestTimeout(QuerygateError):
+    pass
+
+
 class PayloadTooLarge(QuerygateError):
     pass
 
@@ -134,8 +142,16 @@ BY_CODE: dict[str, type[QuerygateError]] = {
 }
 
 BY_STATUS: dict[int, type[QuerygateError]] = {
-    400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 413: PayloadTooLarge,
-    422: Unprocessable, 429: TooManyRequests, 503: Unavailable, 504: GatewayTimeout,
+    400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 408: RequestTimeout,
+    413: PayloadTooLarge, 422: Unprocessable, 429: TooManyRequests, 503: Unavailable,
+    504: GatewayTimeout,
+}
+
+# The status of the codes a stream's last line may carry (docs/errors.md).
+STATUS_OF: dict[str, int] = {
+    "response_too_large": 413, "statement_timeout": 408, "request_timeout": 504,
+    "database_unavailable": 503, "audit_unavailable": 503, "database_error": 422,
+    "result_not_representable": 422,
 }
 
 
@@ -148,7 +164,7 @@ def error_from(status: int | None, body: Any) -> QuerygateError:
     if isinstance(error, dict) and isinstance(error.get("code"), str):
         code = error["code"]
         message = str(error.get("message", ""))
-    kind = BY_CODE.get(code) or BY_STATUS.get(status or 0)
+    kind = BY_CODE.get(code) or BY_STATUS.get(status or STATUS_OF.get(code, 0))
     if kind is None:
         kind = ServerError if status is None or status >= 500 else QuerygateError
     return kind(code, message, status, body)

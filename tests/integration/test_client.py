@@ -76,6 +76,18 @@ async def test_the_async_client_queries_streams_and_explains(gateway, keys):
             await client.query("DELETE FROM orders WHERE id = 1")
 
 
+def test_a_stream_cut_by_the_gateway_raises_its_typed_error(make_gateway, keys):
+    small = make_gateway(max_response_bytes=4000)
+    with Client(small.url, keys.token("alice", ["analysts"])) as client, \
+            client.stream("SELECT id, email FROM customers ORDER BY id") as rows:
+        seen = []
+        with pytest.raises(errors.PayloadTooLarge) as cut:
+            for row in rows:
+                seen.append(row)
+    assert cut.value.code == "response_too_large" and seen
+    assert rows.complete is False
+
+
 def test_explain_and_catalog(as_):
     client = as_("alice", ["analysts"])
     explained = client.explain("SELECT email FROM customers WHERE id = $1", [1])

@@ -13,7 +13,7 @@ from app.config import load_settings
 from app.errors import PayloadTooLarge, Unprocessable
 from app.mcp import tools
 from querygate_client import TokenFile, errors
-from querygate_client.errors import BY_CODE, BY_STATUS, error_from
+from querygate_client.errors import BY_CODE, BY_STATUS, STATUS_OF, error_from
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = load_settings(environment="dev", dev_mode=True, database_url="postgresql://x/y")
@@ -100,6 +100,9 @@ def test_the_clients_codes_are_the_gateways():
         # A code's class is a subclass of its status's class.
         assert issubclass(kind, BY_STATUS[documented[code]]), code
     assert set(BY_STATUS) <= set(documented.values())
+    for code, status in STATUS_OF.items():
+        # A stream's last line: the status its code has in the table ("—": NDJSON only).
+        assert documented.get(code, 413 if code == "response_too_large" else None) == status, code
 
 
 def test_errors_are_chosen_by_code_then_status():
@@ -113,6 +116,10 @@ def test_errors_are_chosen_by_code_then_status():
     limited = error_from(429, {"error": {"code": "row_budget_exhausted", "message": "",
                                          "retry_after_s": 12}})
     assert isinstance(limited, errors.RowBudgetExhausted) and limited.retry_after_s == 12
+    assert isinstance(error_from(None, {"error": {"code": "response_too_large", "message": ""}}),
+                      errors.PayloadTooLarge)
+    assert isinstance(error_from(None, {"error": {"code": "statement_timeout", "message": ""}}),
+                      errors.RequestTimeout)
     assert isinstance(error_from(502, "<html>"), errors.ServerError)
     assert error_from(502, "<html>").code == "unexpected_answer"
 
