@@ -1,7 +1,7 @@
 """The governed path of a statement, whatever protocol brought it: facts → policy → enforce
 → approvals → audit → execute, and the audit of every outcome, in one place.
 
-A front end (HTTP today: app/http/; the PostgreSQL wire protocol and MCP later) only
+A front end (HTTP: app/http/; the PostgreSQL wire protocol: app/pgwire/; MCP: app/mcp/) only
 translates. It verifies who is calling with its own credentials (``RequestAudit.auth_failed``
 records a failure), calls ``admit`` before it reads anything else, reads the statement, and
 runs everything under ``guard``, which bounds it by the request's deadline and audits any
