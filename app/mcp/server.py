@@ -289,11 +289,15 @@ def _next(approval: Approval) -> str:
 
 def _held(outcome: Held, request_id: str) -> dict[str, Any]:
     approval = outcome.approval
+    # Why it is held (the policy's require_approval rule) first, then what permitted it.
+    held = outcome.decision.require_approval or {}
+    why = ([{"rule": held["rule"], "message": str(held.get("message", ""))}]
+           if isinstance(held.get("rule"), str) else [])
     return {
         "error": {
             "code": "approval_required",
             "message": approval.reason or "this statement needs an approval",
-            "reasons": outcome.decision.reasons_json(),
+            "reasons": why + outcome.decision.reasons_json(),
             "approval_id": approval.id,
             "next": "ask an approver (" + ", ".join(approval.approver_groups) + ") to approve "
                     "it; poll approval_status with this approval_id; once it is approved, call "

@@ -154,6 +154,7 @@ async def test_an_approval_required_update_then_approved_over_http(gw, keys, sec
         assert error["code"] == "approval_required"
         approval_id = error["approval_id"]
         assert "approval_status" in error["next"] and error["message"]
+        assert error["reasons"][0]["rule"] == "protected_table_write"
         assert held.structuredContent["approval"]["status"] == "pending"
 
         pending = await client.call_tool("approval_status", {"approval_id": approval_id})
