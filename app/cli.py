@@ -178,6 +178,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             + (f"  psql \"host={settings.pg_host} port={settings.pg_port} dbname="
                f"{settings.database_name} user=alice password=$TOKEN sslmode=disable\"\n"
                if settings.pg_port is not None else "")
+            + f"  AI agents (docs/agents.md): MCP at {base}/mcp with that bearer token, or over stdio:\n"
+            f"  querygate mcp --url {base} --token-file <a file holding $TOKEN>\n"
             + "Then try (docs/approvals.md, docs/masking.md):\n"
             "  as alice: SELECT email, ssn, card_number FROM customers LIMIT 3   -> masked\n"
             "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> compares masked values\n"
