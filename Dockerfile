@@ -14,6 +14,7 @@ WORKDIR /src
 RUN python -m venv /opt/querygate
 COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY app ./app
+COPY querygate_client ./querygate_client
 # The runtime dependencies exactly as locked, each checked against its hash (make lock);
 # then querygate itself, with nothing resolved on the day of the build.
 RUN /opt/querygate/bin/pip install --no-compile --require-hashes -r requirements.lock \

@@ -229,7 +229,7 @@ manifests: venv $(OPA) $(KUSTOMIZE) ## render every kustomize layout, validate i
 
 .PHONY: lint
 lint: venv ## ruff and mypy
-	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/ruff check app tests bench querygate_client
 	$(VENV)/bin/mypy
 
 .PHONY: test

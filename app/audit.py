@@ -1349,12 +1349,18 @@ class RequestAudit:
     # "extended") and its path the session's id.
     channel: str = "http"
     application_name: str | None = None  # pgwire: the client's, as it set it
+    tool: str | None = None  # mcp: the tool called
+    agent: dict[str, Any] | None = None  # mcp: the agent (policy.agent_input)
 
     def _request(self) -> dict[str, Any]:
-        request = {"id": self.request_id, "source_ip": self.source_ip, "method": self.method,
-                   "path": self.path, "channel": self.channel}
+        request: dict[str, Any] = {"id": self.request_id, "source_ip": self.source_ip,
+                                   "method": self.method, "path": self.path,
+                                   "channel": self.channel}
         if self.channel == "pgwire":
             request["application_name"] = self.application_name
+        elif self.channel == "mcp":
+            request["tool"] = self.tool
+            request["agent"] = self.agent
         return request
 
     def _event(self, type_: str, **fields: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``querygate`` command: serve, dev (the whole local stack), token, explain."""
+"""The ``querygate`` command: serve, dev (the whole local stack), token, explain, mcp (the stdio
+bridge for desktop agents), …"""
 
 from __future__ import annotations
 
@@ -177,6 +178,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             + (f"  psql \"host={settings.pg_host} port={settings.pg_port} dbname="
                f"{settings.database_name} user=alice password=$TOKEN sslmode=disable\"\n"
                if settings.pg_port is not None else "")
+            + f"  AI agents (docs/agents.md): MCP at {base}/mcp with that bearer token, or over stdio:\n"
+            f"  querygate mcp --url {base} --token-file <a file holding $TOKEN>\n"
             + "Then try (docs/approvals.md, docs/masking.md):\n"
             "  as alice: SELECT email, ssn, card_number FROM customers LIMIT 3   -> masked\n"
             "  as alice: SELECT id FROM customers WHERE ssn LIKE '1%'            -> compares masked values\n"
@@ -420,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a chain may start after seq 1 (an older part was deleted on purpose)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    bridge = sub.add_parser("mcp", help="a stdio MCP server for desktop agents, forwarding to a "
+                            "gateway's /mcp (docs/agents.md)")
+    bridge.add_argument("--url", default=None, help="the gateway, e.g. https://querygate.example "
+                        "(QUERYGATE_URL)")
+    bridge.add_argument("--token-file", default=None, help="the bearer token, re-read when the "
+                        "file changes (QUERYGATE_TOKEN_FILE)")
+    bridge.add_argument("--on-behalf-of-token-file", default=None,
+                        help="a token of the person the agent acts for (X-Querygate-On-Behalf-Of)")
+    bridge.add_argument("--timeout", type=float, default=120.0, help="seconds per tool call")
+    bridge.add_argument("--log-level", default="warning", help="logs go to stderr")
+
     db = sub.add_parser("db", help="prepare the database for the masking it enforces (docs/masking.md)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     init = db_sub.add_parser(
@@ -542,6 +556,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if verifier.ok else 1
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """The stdio MCP bridge to a gateway (docs/agents.md); stdout is the protocol's."""
+    from app.mcp import bridge
+
+    url = args.url or os.environ.get("QUERYGATE_URL")
+    token_file = args.token_file or os.environ.get("QUERYGATE_TOKEN_FILE")
+    if not url or not token_file:
+        raise ConfigError("querygate mcp needs --url and --token-file (or QUERYGATE_URL and "
+                          "QUERYGATE_TOKEN_FILE)")
+    if not Path(token_file).is_file():
+        raise ConfigError(f"--token-file: {token_file} is not a file")
+    _configure_logging(args.log_level)
+    bridge.run(url, Path(token_file), Path(args.on_behalf_of_token_file)
+               if args.on_behalf_of_token_file else None, args.timeout)
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -572,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
-        "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db,
+        "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db, "mcp": cmd_mcp,
     }
     try:
         return handlers[args.command](args)

@@ -62,9 +62,10 @@ OTHER_VARIABLES: dict[str, str] = {
     "QUERYGATE_KAFKA_LIBS": "the Kafka jars of the test broker (app/devstack.py)",
     "QUERYGATE_KUSTOMIZE_BIN": "the kustomize binary of tests/deploy (Makefile)",
     "QUERYGATE_DB_ADMIN_URL": "a DBA's DSN for `querygate db init` (app/cli.py)",
-    # What an application next to a sidecar reads (deploy/k8s/base/deployment.yaml).
-    "QUERYGATE_URL": "where the application reaches the gateway",
-    "QUERYGATE_TOKEN_FILE": "the application's projected service-account token",
+    # What an application next to a sidecar reads (deploy/k8s/base/deployment.yaml), and
+    # `querygate mcp` (app/cli.py, docs/agents.md).
+    "QUERYGATE_URL": "where the application (or the MCP bridge) reaches the gateway",
+    "QUERYGATE_TOKEN_FILE": "the application's (or the MCP bridge's) bearer token",
 }
 
 

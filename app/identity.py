@@ -371,14 +371,42 @@ def identity_from_claims(
     email = claim(claims, mapping.email)
     if email is not None and not isinstance(email, str):
         raise Unauthenticated("invalid_token", "the token's email claim must be a string")
-    return Identity(
+    identity = Identity(
         sub=sub,
         groups=_strings(claims, mapping.groups, "groups"),
         roles=_strings(claims, mapping.roles, "roles"),
         issuer=issuer,
         auth="jwt",
         email=email,
+        attributes=_client(claims),
     )
+    act = claims.get("act")
+    if act is None:
+        return identity
+    # Token exchange (RFC 8693 §4.1): the token is the person's (sub, groups), issued to an
+    # actor that acts for them (act.sub; the outermost act is the current actor). The caller
+    # is the actor, the person is on_behalf_of: as with X-Querygate-On-Behalf-Of.
+    actor = act.get("sub") if isinstance(act, dict) else None
+    if not isinstance(actor, str) or not actor or len(actor) > 256:
+        raise Unauthenticated("invalid_token", "the token's act claim must name its actor (sub)")
+    return Identity(
+        sub=actor, groups=(), issuer=issuer, auth="jwt",
+        attributes={**identity.attributes, "delegation": "token_exchange"},
+        on_behalf_of=replace(identity, attributes={}),
+    )
+
+
+def _client(claims: dict[str, Any]) -> dict[str, str]:
+    """The OAuth client the token was issued to (RFC 9068 ``client_id``, else OIDC ``azp``):
+    an agent's name in the decision input (``request.agent``, docs/agents.md)."""
+    for name in ("client_id", "azp"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > 256:
+            raise Unauthenticated("invalid_token", f"the token's {name} claim must be a short string")
+        return {"client_id": value}
+    return {}
 
 
 def _service_account(claims: dict[str, Any], sub: str, issuer: str) -> Identity:
@@ -711,6 +739,10 @@ class Authenticator:
         else:
             raise Unauthenticated("missing_token", "an Authorization: Bearer token is required")
         person_header = _one_header(headers, ON_BEHALF_OF_HEADER)
+        if person_header is not None and service.on_behalf_of is not None:
+            # A token-exchange token names its person already: a second one is ambiguous.
+            raise Unauthenticated("invalid_token", "X-Querygate-On-Behalf-Of with a token "
+                                  "that acts for someone already (act claim)")
         if person_header is not None:
             try:
                 person = await self._bearer(person_header)

@@ -11,7 +11,13 @@ acting on behalf of people is one caller, and the same ``sub`` from two issuers 
   too_many_concurrent``. A cap below the pool size is what keeps one caller from holding
   every database connection (pool fairness).
 
-Both are per process: each gateway process (replica, worker) counts on its own, so N
+- **Rows per hour**: when policy gives a decision a ``rows_per_hour`` cap (the agent
+  guardrail, docs/agents.md), the rows an agent received in the last hour count against it.
+  A statement reserves what it may return (its row limit, at most what is left) before it
+  runs, and gives back what it did not return when it ends; nothing left is ``429
+  row_budget_exhausted``. The key is the agent: ``(issuer, client id or sub)``.
+
+All are per process: each gateway process (replica, worker) counts on its own, so N
 replicas admit up to N times the limit. Pure: no I/O, the clock is an argument.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,6 +127,65 @@ class ConcurrencyLimiter:
         return self._running.get(key, 0)
 
 
+# The window of a rows_per_hour budget.
+HOUR_S = 3600.0
+
+
+class Allowance:
+    """Rows one statement may return, reserved from its agent's hourly budget; ``settle``
+    (once, with the rows it returned) gives the rest back."""
+
+    __slots__ = ("rows", "settled", "stamp")
+
+    def __init__(self, rows: int, stamp: float) -> None:
+        self.rows = rows
+        self.stamp = stamp
+        self.settled = False
+
+    def settle(self, rows_returned: int) -> None:
+        if not self.settled:
+            self.settled = True
+            self.rows = max(0, min(self.rows, rows_returned))
+
+
+class RowBudget:
+    """Rows per agent over a rolling hour: reservations, settled by what was returned."""
+
+    def __init__(self) -> None:
+        self._spent: dict[CallerKey, deque[Allowance]] = {}
+
+    def used(self, key: CallerKey, now: float) -> int:
+        spent = self._spent.get(key)
+        if spent is None:
+            return 0
+        while spent and spent[0].stamp <= now - HOUR_S:
+            spent.popleft()
+        if not spent:
+            del self._spent[key]
+            return 0
+        return sum(a.rows for a in spent)
+
+    def reserve(self, key: CallerKey, cap: int, want: int | None, now: float) -> Allowance:
+        """Reserve up to ``want`` rows (None: all that is left) of ``cap`` an hour, or
+        refuse (429 row_budget_exhausted) when nothing is left."""
+        if len(self._spent) >= _PRUNE_AT:
+            for old in [k for k, s in self._spent.items() if not s or s[-1].stamp <= now - HOUR_S]:
+                del self._spent[old]
+        left = cap - self.used(key, now)
+        if left <= 0:
+            spent = self._spent.get(key)
+            retry = HOUR_S - (now - spent[0].stamp) if spent else HOUR_S
+            raise TooManyRequests(
+                "row_budget_exhausted",
+                f"this agent has received its {cap} rows for the hour (the policy's "
+                "rows_per_hour); retry later",
+                retry_after_s=max(1, math.ceil(retry)),
+            )
+        allowance = Allowance(left if want is None else min(want, left), now)
+        self._spent.setdefault(key, deque()).append(allowance)
+        return allowance
+
+
 class CallerLimits:
     """The gateway's limits per caller, raising the 429s the API answers."""
 
@@ -132,6 +198,7 @@ class CallerLimits:
     ) -> None:
         self.rate = RateLimiter(rate_per_s, burst)
         self.concurrency = ConcurrencyLimiter(max_concurrent)
+        self.rows = RowBudget()
         self._clock = clock
 
     def admit(self, key: CallerKey) -> None:
@@ -156,3 +223,8 @@ class CallerLimits:
                 retry_after_s=1,
             )
         return slot
+
+    def allowance(self, key: CallerKey, rows_per_hour: int, want: int | None) -> Allowance:
+        """Rows a statement may return under its agent's hourly budget (429
+        row_budget_exhausted when none are left)."""
+        return self.rows.reserve(key, rows_per_hour, want, self._clock())

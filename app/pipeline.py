@@ -1,7 +1,7 @@
 """The governed path of a statement, whatever protocol brought it: facts → policy → enforce
 → approvals → audit → execute, and the audit of every outcome, in one place.
 
-A front end (HTTP today: app/http/; the PostgreSQL wire protocol and MCP later) only
+A front end (HTTP: app/http/; the PostgreSQL wire protocol: app/pgwire/; MCP: app/mcp/) only
 translates. It verifies who is calling with its own credentials (``RequestAudit.auth_failed``
 records a failure), calls ``admit`` before it reads anything else, reads the statement, and
 runs everything under ``guard``, which bounds it by the request's deadline and audits any
@@ -37,6 +37,7 @@ from app.errors import (
     Forbidden,
     GatewayError,
     GatewayTimeout,
+    NotFound,
     PayloadTooLarge,
     Unavailable,
     Unprocessable,
@@ -45,7 +46,7 @@ from app.executor import StreamHead, Target
 from app.facts import QueryFacts
 from app.gateway import Gateway
 from app.identity import Identity
-from app.limits import Slot
+from app.limits import Allowance, Slot
 from app.metrics import StageClock
 from app.policy import Decision
 from app.profiles import quote_ident
@@ -87,11 +88,13 @@ class Budget:
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """What the caller sent: the SQL text, its parameters, and an approval it uses."""
+    """What the caller sent: the SQL text, its parameters, an approval it uses, and the
+    most rows it wants back (None: as many as the limits allow)."""
 
     sql: str
     params: Sequence[Any] = ()
     approval_id: str | None = None
+    max_rows: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +396,8 @@ class Authorized:
     ``decision`` is the enforced one (the masks of the caller's profile included);
     ``rules`` mask what the database does not (outputs derived from masked columns);
     ``max_rows`` is the policy's cap (None: none), ``max_rows_affected`` its blast radius.
+    ``allowance``, under a ``rows_per_hour`` budget, is what the agent may still receive
+    (``max_rows`` is then at most that); hand it to ``finished``.
     """
 
     facts: QueryFacts
@@ -407,6 +412,7 @@ class Authorized:
     # a front end that must answer earlier may await it alone). None: durable before
     # ``authorize`` returned.
     durable: Awaitable[None] | None = None
+    allowance: Allowance | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +423,18 @@ class _Ready:
     rules: masking.Rules
     # A read's decision, still being written while it runs; None once durable.
     decision_durable: Awaitable[None] | None
+    # The rows this statement may return under its agent's hourly budget (None: no budget).
+    allowance: Allowance | None = None
+
+
+def row_limit(settings: Settings, decision: Decision, statement: Statement,
+              stream: bool) -> int | None:
+    """The most rows a statement returns: the policy's cap, the caller's own and, for a JSON
+    answer, QUERYGATE_MAX_ROWS (a stream's memory is not bounded by rows)."""
+    caps = [c for c in (decision.max_rows, statement.max_rows) if c is not None]
+    if not stream:
+        caps.append(settings.max_rows)
+    return min(caps) if caps else None
 
 
 async def authorize(
@@ -445,18 +463,23 @@ async def authorize(
     if isinstance(ready, Held):
         return ready
     decision = ready.ev.decision
+    max_rows = decision.max_rows if ready.allowance is None else ready.allowance.rows
     return Authorized(ready.ev.facts, ready.enforced, ready.target, ready.rules,
-                      decision.max_rows, decision.max_rows_affected, ready.decision_durable)
+                      max_rows, decision.max_rows_affected, ready.decision_durable,
+                      ready.allowance)
 
 
 async def finished(
     gateway: Gateway, audit: RequestAudit, facts: QueryFacts, *, rows_returned: int,
     rows_affected: int | None, truncated: bool, masked: dict[str, str],
-    decision_durable: Awaitable[None] | None = None,
+    decision_durable: Awaitable[None] | None = None, allowance: Allowance | None = None,
 ) -> None:
     """The outcome of a statement that ``authorize`` let run and that ran to its end; with
     ``decision_durable`` (``Authorized.durable``), once both are durable (a spool that
-    cannot make the decision so raises, and the answer must not be given)."""
+    cannot make the decision so raises, and the answer must not be given). ``allowance``
+    (``Authorized.allowance``) is settled by the rows returned."""
+    if allowance is not None:
+        allowance.settle(rows_returned)
     if decision_durable is not None:
         # The outcome first: its append wakes the writer, which syncs both in one batch.
         outcome: Awaitable[None] | None = None
@@ -537,34 +560,47 @@ async def _authorize(
     # One of the caller's slots from here to the end of the answer (pool fairness);
     # refused (429 too_many_concurrent) before the allow is on record.
     budget.slot = gateway.limits.slot((identity.issuer, identity.sub))
-    # In the chain before anything runs: a spool that cannot take it refuses it here, and
-    # nothing runs. A write (or anything using an approval) waits until it is durable, too.
-    # A read, which changes nothing, runs while it is written, and its answer waits for it:
-    # a write that fails then fails the request, and no row is returned (docs/audit.md).
-    read = overlap and _is_read(facts, statement, meta)
-    # A read's decision is not synced on its own: it goes with the outcome's (one fsync
-    # for both), or with whatever another request appends first.
-    sealed = audit.decided("allow", gate=True, wake=not read)
-    decision_durable: Awaitable[None] | None = sealed
-    if not read:
-        # Nothing runs before both: the probe confirming a cached allow and the fsync of
-        # the decision, which go on at the same time. A stale allow is on record with
-        # its outcome (decision_stale), and the request starts over.
-        await _confirmed(ev, audit, sealed)
-        await sealed
-        decision_durable = None
-    if ev.approval is not None:
-        if meta.stream and facts.kind != "select":
-            # The stream would refuse the write only after the claim, using the approval
-            # up for nothing: refuse it first, as Executor.stream does.
-            raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
-                                "application/x-ndjson Accept header for writes")
-        # After policy said yes with the approval in its input, and before anything runs:
-        # the one conditional UPDATE that makes an approval single-use.
-        await gateway.approvals.claim(ev.approval, list(statement.params))
-        await approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
+    allowance = None
+    if decision.rows_per_hour is not None:
+        # The agent's hourly row budget (docs/agents.md): what this statement may return
+        # is reserved now, refused (429 row_budget_exhausted) before the allow is on record.
+        allowance = gateway.limits.allowance(
+            (identity.issuer, policy.agent_id(identity)), decision.rows_per_hour,
+            row_limit(settings, decision, statement, meta.stream),
+        )
+    try:
+        # In the chain before anything runs: a spool that cannot take it refuses it here, and
+        # nothing runs. A write (or anything using an approval) waits until it is durable, too.
+        # A read, which changes nothing, runs while it is written, and its answer waits for it:
+        # a write that fails then fails the request, and no row is returned (docs/audit.md).
+        read = overlap and _is_read(facts, statement, meta)
+        # A read's decision is not synced on its own: it goes with the outcome's (one fsync
+        # for both), or with whatever another request appends first.
+        sealed = audit.decided("allow", gate=True, wake=not read)
+        decision_durable: Awaitable[None] | None = sealed
+        if not read:
+            # Nothing runs before both: the probe confirming a cached allow and the fsync of
+            # the decision, which go on at the same time. A stale allow is on record with
+            # its outcome (decision_stale), and the request starts over.
+            await _confirmed(ev, audit, sealed)
+            await sealed
+            decision_durable = None
+        if ev.approval is not None:
+            if meta.stream and facts.kind != "select":
+                # The stream would refuse the write only after the claim, using the approval
+                # up for nothing: refuse it first, as Executor.stream does.
+                raise Unprocessable("stream_unsupported", "only queries can be streamed; drop the "
+                                    "application/x-ndjson Accept header for writes")
+            # After policy said yes with the approval in its input, and before anything runs:
+            # the one conditional UPDATE that makes an approval single-use.
+            await gateway.approvals.claim(ev.approval, list(statement.params))
+            await approval_event(gateway, audit, ev.approval, "used", identity.sub, gate=True)
+    except BaseException:
+        if allowance is not None:
+            allowance.settle(0)  # nothing ran: the reservation goes back
+        raise
     rules = masking.Rules(enforced, gateway.mask_key, settings.mask_redact_token, target.masked)
-    return _Ready(ev, target, enforced, rules, decision_durable)
+    return _Ready(ev, target, enforced, rules, decision_durable, allowance)
 
 
 async def _query(
@@ -579,24 +615,31 @@ async def _query(
     ev, target, enforced, rules = ready.ev, ready.target, ready.enforced, ready.rules
     facts, decision = ev.facts, ev.decision
     decision_durable = ready.decision_durable
+    allowance = ready.allowance
     assert gateway.executor is not None
     started = time.perf_counter()
+    # The policy's cap, the caller's own and, for JSON, QUERYGATE_MAX_ROWS; under a
+    # rows_per_hour budget, what the agent may still receive.
+    limit = row_limit(settings, decision, statement, meta.stream)
+    if allowance is not None:
+        limit = allowance.rows
     if meta.stream:
-        # Streams are not capped by QUERYGATE_MAX_ROWS (that is the JSON mode's memory
-        # bound); the policy's own max_rows still holds.
-        batches = gateway.executor.stream(
-            target, statement.params, facts, decision.max_rows, rules,
-            settings.stream_batch_rows, deadline=budget.at, stream_deadline=budget.stream_at,
-        )
-        head = await anext(batches)  # errors before the first row are plain errors
+        try:
+            batches = gateway.executor.stream(
+                target, statement.params, facts, limit, rules,
+                settings.stream_batch_rows, deadline=budget.at, stream_deadline=budget.stream_at,
+            )
+            head = await anext(batches)  # errors before the first row are plain errors
+        except BaseException:
+            if allowance is not None:
+                allowance.settle(0)
+            raise
         assert isinstance(head, StreamHead)
         rows = RowStream(head, batches, audit, started, settings.max_response_bytes,
-                         meta.request_id)
+                         meta.request_id, allowance)
         return Streamed(enforced, head, notices(facts, enforced), rows, budget.stream_at,
                         budget.hand_off())
-    limit = settings.max_rows if decision.max_rows is None else min(
-        settings.max_rows, decision.max_rows
-    )
+    assert limit is not None
     masking_s = 0.0
     try:
         result = await gateway.executor.run(
@@ -605,14 +648,18 @@ async def _query(
             encode=encode_row, max_bytes=settings.max_response_bytes,
         )
         masking_s = result.masking_s
-    except Exception:
-        if decision_durable is not None:
+    except BaseException as exc:
+        if allowance is not None:
+            allowance.settle(0)  # no row reached the caller
+        if decision_durable is not None and isinstance(exc, Exception):
             # A failure under a decision that is no longer in force is not answered either.
             await _confirmed(ev, audit, decision_durable)
             await decision_durable  # the decision before its failure, in the trail as on disk
         raise
     finally:
         _record_times(audit.clock, started, masking_s)
+    if allowance is not None:
+        allowance.settle(len(result.rows))
     if decision_durable is not None:
         await _confirmed(ev, audit, decision_durable)
         # A read answers only once its decision is durable; a spool that cannot make it so
@@ -637,9 +684,10 @@ class RowStream:
 
     def __init__(
         self, head: StreamHead, batches: AsyncIterator[Any], audit: RequestAudit,
-        started: float, max_bytes: int, request_id: str,
+        started: float, max_bytes: int, request_id: str, allowance: Allowance | None = None,
     ) -> None:
         self.head = head
+        self._allowance = allowance
         self.rows = 0
         self._batches = batches
         self._audit = audit
@@ -692,6 +740,8 @@ class RowStream:
         if self._closed:
             return
         self._closed = True
+        if self._allowance is not None:
+            self._allowance.settle(self.rows)
         # A client that went away: the outcome is queued without waiting (it cannot await).
         self._audit.aborted(rows_returned=self.rows, streamed=True)
         await self._batches.aclose()  # type: ignore[attr-defined]
@@ -764,3 +814,20 @@ async def caller_catalog(
         "masked_columns": sum(1 for cols in tables.values() for c in cols if c.mask),
     })
     return CallerCatalog(catalog.version, tables)
+
+
+async def approval_status(
+    gateway: Gateway, audit: RequestAudit, identity: Identity, approval_id: str
+) -> Approval:
+    """One approval as it stands, to its requester and to whoever may decide it (anyone
+    else: ``approval_not_found``); recorded as an ``admin`` event, ``approval_status``."""
+    if gateway.approvals is None:
+        raise Unavailable("database_unavailable", "the database is not connected")
+    approval = await gateway.approvals.get(approval_id)
+    if not approval.requested_by(identity) and not set(identity.groups) & set(
+        approval.approver_groups
+    ):
+        raise NotFound("approval_not_found", "no such approval")
+    await audit.admin("approval_status", "ok", {"approval_id": approval.id,
+                                                "status": approval.status})
+    return approval

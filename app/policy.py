@@ -81,6 +81,8 @@ class Decision:
     max_rows_affected: int | None = None
     # The database role the statement runs under (SET LOCAL ROLE).
     db_role: str | None = None
+    # Rows the agent may receive per rolling hour, enforced by the gateway (docs/agents.md).
+    rows_per_hour: int | None = None
     # The revision of the policy bundle that decided (OPA provenance), for the audit trail.
     bundle_revision: str | None = None
     # How long policy lets the gateway reuse this decision for the same input (0: never).
@@ -90,6 +92,39 @@ class Decision:
 
     def reasons_json(self) -> list[dict[str, str]]:
         return [r.to_json() for r in self.reasons]
+
+    def to_json(self) -> dict[str, Any]:
+        """The decision as an explain answers it (HTTP /v1/explain, the MCP explain tool)."""
+        return {
+            "id": self.id,
+            "allow": self.allow,
+            "reasons": self.reasons_json(),
+            "masks": self.masks,
+            "derived_mask": self.derived_mask,
+            "masked_predicates_allowed": list(self.masked_predicates_allowed),
+            "require_approval": self.require_approval,
+            "max_rows": self.max_rows,
+            "max_rows_affected": self.max_rows_affected,
+            "rows_per_hour": self.rows_per_hour,
+            "db_role": self.db_role,
+        }
+
+
+def agent_id(identity: Identity) -> str:
+    """Who the agent is: the OAuth client id its token names (``client_id``, else ``azp``),
+    else the token's subject."""
+    return identity.attributes.get("client_id") or identity.sub
+
+
+def agent_input(identity: Identity) -> dict[str, Any]:
+    """The ``request.agent`` object of an MCP request (docs/decision-contract.md)."""
+    person = identity.on_behalf_of
+    return {
+        "id": agent_id(identity),
+        "client_id": identity.attributes.get("client_id"),
+        "sub": identity.sub,
+        "on_behalf_of": person.sub if person is not None else None,
+    }
 
 
 def decision_input(
@@ -114,6 +149,8 @@ def decision_input(
             "id": request_id,
             "source_ip": source_ip,
             "channel": channel,
+            # Only MCP callers are agents by their channel; elsewhere null.
+            "agent": agent_input(identity) if channel == "mcp" else None,
             "time": moment.isoformat(timespec="milliseconds"),
         },
         "database": {"name": database},
@@ -201,6 +238,11 @@ def parse_decision(result: object, decision_id: str) -> Decision:
     db_role = result.get("db_role")
     if db_role is not None and (not isinstance(db_role, str) or not _ROLE.match(db_role)):
         raise _unavailable("malformed decision: db_role must be null or a plain role name")
+    rows_per_hour = result.get("rows_per_hour")
+    if rows_per_hour is not None and (
+        not isinstance(rows_per_hour, int) or isinstance(rows_per_hour, bool) or rows_per_hour < 0
+    ):
+        raise _unavailable("malformed decision: rows_per_hour must be null or an integer >= 0")
     if approval is not None:
         _check_approval_request(approval)
     ttl = result.get("cache_ttl_s", 0)
@@ -217,6 +259,7 @@ def parse_decision(result: object, decision_id: str) -> Decision:
         masked_predicates_allowed=tuple(allowed_predicates),
         max_rows_affected=rows_affected,
         db_role=db_role,
+        rows_per_hour=rows_per_hour,
         cache_ttl_s=ttl,
     )
 

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from app import tracing
 from app.approvals import Notifier
@@ -17,12 +18,15 @@ from app.audit import AuditLog
 from app.config import ConfigError, Settings
 from app.facts import FactsExtractor
 from app.gateway import Gateway
-from app.http import admin, approvals, catalog, health, openapi, query
+from app.http import admin, approvals, catalog, health, openapi, query, well_known
 from app.http.common import install_error_handlers
 from app.http.front import Front
 from app.identity import Authenticator
 from app.limits import CallerLimits
 from app.liveness import Heartbeat
+from app.mcp import McpFront
+from app.mcp.server import PATH as MCP_PATH
+from app.mcp.server import running
 from app.metrics import Metrics, MetricsServer
 from app.pgwire.server import PgServer
 from app.policy import DecisionCache, PolicyClient
@@ -44,6 +48,7 @@ def create_app(settings: Settings) -> Front:
     authenticator = Authenticator(settings)
     mask_key = _mask_key(settings)
     metrics = Metrics()
+    mcp = McpFront("0.1.0")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,7 +105,9 @@ def create_app(settings: Settings) -> Front:
         try:
             if exporter is not None:
                 app.state.metrics_port = await asyncio.to_thread(exporter.start)
-            yield
+            # The MCP session manager (/mcp) runs for as long as the app does.
+            async with running(mcp):
+                yield
         finally:
             if traced:
                 tracing.release()
@@ -115,8 +122,11 @@ def create_app(settings: Settings) -> Front:
                   docs_url="/docs" if settings.environment == "dev" else None,
                   openapi_url=None if settings.environment == "prod" else "/openapi.json")
     install_error_handlers(app)
-    for router in (query.router, catalog.router, approvals.router, admin.router, health.router):
+    for router in (query.router, catalog.router, approvals.router, admin.router, health.router,
+                   well_known.router):
         app.include_router(router)
+    # The MCP endpoint (app/mcp/): an ASGI app of its own, which authenticates first.
+    app.router.routes.append(Route(MCP_PATH, endpoint=mcp))
     if settings.metrics_enabled and settings.metrics_port is None:
         app.include_router(health.metrics_router)
     openapi.install(app, settings)

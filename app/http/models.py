@@ -173,6 +173,7 @@ class ExplainDecision(_Model):
     require_approval: dict[str, JsonValue] | None
     max_rows: int | None
     max_rows_affected: int | None
+    rows_per_hour: int | None
     db_role: str | None
 
 

@@ -139,24 +139,10 @@ async def explain(request: Request) -> Response:
         outcome = await pipeline.explain(
             call.gateway, call.audit, call.identity, statement, meta_for(request, call.budget)
         )
-        decision = outcome.decision
-        return render(
-            {
-                "identity": outcome.identity.to_input(),
-                "facts": outcome.facts.to_input(),
-                "decision": {
-                    "id": decision.id,
-                    "allow": decision.allow,
-                    "reasons": decision.reasons_json(),
-                    "masks": decision.masks,
-                    "derived_mask": decision.derived_mask,
-                    "masked_predicates_allowed": list(decision.masked_predicates_allowed),
-                    "require_approval": decision.require_approval,
-                    "max_rows": decision.max_rows,
-                    "max_rows_affected": decision.max_rows_affected,
-                    "db_role": decision.db_role,
-                },
-            }
-        )
+        return render({
+            "identity": outcome.identity.to_input(),
+            "facts": outcome.facts.to_input(),
+            "decision": outcome.decision.to_json(),
+        })
     raise AssertionError("unreachable")
 

@@ -903,7 +903,7 @@ class Session:
         await pipeline.finished(self.gateway, audit, auth.facts, rows_returned=portal.sent,
                                 rows_affected=affected, truncated=portal.truncated,
                                 masked=portal.plan.masked if portal.plan is not None else {},
-                                decision_durable=auth.durable)
+                                decision_durable=auth.durable, allowance=auth.allowance)
         self._end_portal(portal)
 
     async def _truncate(self, portal: _Portal, conn: BackendConnection, name: str) -> None:

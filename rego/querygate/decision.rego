@@ -27,6 +27,7 @@ decision := {
 	"max_rows": max_rows,
 	"max_rows_affected": max_rows_affected,
 	"db_role": db_role,
+	"rows_per_hour": rows_per_hour,
 	"cache_ttl_s": cache_ttl_s,
 }
 
@@ -54,7 +55,16 @@ sorted_reasons(rs) := [{"rule": p[0], "message": p[1]} |
 # A row limit only means something for a query that will run.
 default max_rows := null
 
-max_rows := cfg.default_max_rows if allow
+max_rows := cfg.default_max_rows if {
+	allow
+	not is_agent
+}
+
+# Agents get their own, lower cap (agents.rego).
+max_rows := agent_max_rows if {
+	allow
+	is_agent
+}
 
 # ---------------------------------------------------------------- caching
 

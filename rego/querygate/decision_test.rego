@@ -66,6 +66,7 @@ test_alice_select_allowed if {
 		"max_rows": null,
 		"max_rows_affected": null,
 		"db_role": null,
+		"rows_per_hour": null,
 		"cache_ttl_s": 60,
 	}
 }
@@ -166,6 +167,7 @@ test_dana_drop_with_write_targets_in_staging_denied if {
 		"max_rows": null,
 		"max_rows_affected": 1000,
 		"db_role": null,
+		"rows_per_hour": null,
 		"cache_ttl_s": 60,
 	}
 }
@@ -271,7 +273,8 @@ test_decision_always_has_every_key if {
 		d := querygate.decision with input as inp
 		object.keys(d) == {
 			"allow", "reasons", "masks", "derived_mask", "masked_predicates_allowed",
-			"require_approval", "max_rows", "max_rows_affected", "db_role", "cache_ttl_s",
+			"require_approval", "max_rows", "max_rows_affected", "db_role", "rows_per_hour",
+			"cache_ttl_s",
 		}
 		is_boolean(d.allow)
 		is_object(d.masks)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,8 @@ def test_dockerignore_admits_only_the_build_inputs():
              if line and not line.startswith("#")]
     assert lines[0] == "*"
     assert {line for line in lines if line.startswith("!")} == {
-        "!pyproject.toml", "!README.md", "!LICENSE", "!requirements.lock", "!app/"}
+        "!pyproject.toml", "!README.md", "!LICENSE", "!requirements.lock", "!app/",
+        "!querygate_client/"}
 
 
 def test_the_image_installs_the_lock_file_with_hashes_and_nothing_else():
@@ -126,3 +128,6 @@ def test_the_build_stage_inputs_build_querygate(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [wheel] = (tmp_path / "wheels").glob("querygate-*.whl")
     assert wheel.stat().st_size > 0
+    # Both packages: the gateway and the client the stdio bridge uses (docs/agents.md).
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"app/mcp/server.py", "querygate_client/__init__.py"} <= names
