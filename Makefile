@@ -132,9 +132,11 @@ jdk: ## install a JDK 17 and Maven from Debian's packages when they are missing
 
 # PostgreSQL's JDBC driver for the wire-protocol client test: the driver's jar from Maven Central,
 # version pinned in tools/pgjdbc/pom.xml, and tools/pgjdbc/PgjdbcClient.java compiled against it,
-# cached per version in .tools/pgjdbc/<version>/. The test runs `make pgjdbc` too.
+# cached per version in .tools/pgjdbc/<version>/, the classes per version of the source (its
+# SHA-256: checkouts that share .tools never run one another's). The test runs it too.
 PGJDBC_VERSION := $(shell sed -n 's:.*<pgjdbc.version>\(.*\)</pgjdbc.version>.*:\1:p' tools/pgjdbc/pom.xml)
 PGJDBC_DIR     := .tools/pgjdbc/$(PGJDBC_VERSION)
+PGJDBC_CLASSES := $(PGJDBC_DIR)/classes-$(shell sha256sum tools/pgjdbc/PgjdbcClient.java | cut -c1-12)
 
 $(PGJDBC_DIR)/libs/.complete: tools/pgjdbc/pom.xml | jdk
 	@echo "pgjdbc: copying the PostgreSQL JDBC driver $(PGJDBC_VERSION) from Maven Central into $(PGJDBC_DIR)/libs"
@@ -143,12 +145,12 @@ $(PGJDBC_DIR)/libs/.complete: tools/pgjdbc/pom.xml | jdk
 	  -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(PGJDBC_DIR)/libs
 	@touch $@
 
-$(PGJDBC_DIR)/classes/PgjdbcClient.class: tools/pgjdbc/PgjdbcClient.java $(PGJDBC_DIR)/libs/.complete
-	@mkdir -p $(PGJDBC_DIR)/classes
-	javac -Xlint:all -Werror -d $(PGJDBC_DIR)/classes -cp '$(PGJDBC_DIR)/libs/*' $<
+$(PGJDBC_CLASSES)/PgjdbcClient.class: tools/pgjdbc/PgjdbcClient.java $(PGJDBC_DIR)/libs/.complete
+	@mkdir -p $(PGJDBC_CLASSES)
+	javac -Xlint:all -Werror -d $(PGJDBC_CLASSES) -cp '$(PGJDBC_DIR)/libs/*' $<
 
 .PHONY: pgjdbc
-pgjdbc: $(PGJDBC_DIR)/classes/PgjdbcClient.class ## obtain pgjdbc into .tools/pgjdbc/ and compile the client test's Java program
+pgjdbc: $(PGJDBC_CLASSES)/PgjdbcClient.class ## obtain pgjdbc into .tools/pgjdbc/ and compile the client test's Java program
 
 # psql and pgbench (Debian's postgresql-client) for the wire-protocol client tests.
 .PHONY: pg-client

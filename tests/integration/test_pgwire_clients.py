@@ -14,6 +14,7 @@ and pgbench, each against a real gateway as a person or a service would run it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -58,7 +59,8 @@ def pgjdbc_classpath() -> str:
                         (REPO_ROOT / "tools" / "pgjdbc" / "pom.xml").read_text())
     assert version is not None
     tool = REPO_ROOT / ".tools" / "pgjdbc" / version.group(1)
-    return f"{tool / 'classes'}:{tool / 'libs'}/*"
+    source = hashlib.sha256((REPO_ROOT / "tools" / "pgjdbc" / "PgjdbcClient.java").read_bytes())
+    return f"{tool / ('classes-' + source.hexdigest()[:12])}:{tool / 'libs'}/*"
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,8 @@ def start_sidecars(
         gateway_settings["opa_url"] = f"http://localhost:{opa_port}"
         gateway_settings["host"] = "127.0.0.1"  # the test stays on loopback
         gateway_settings.pop("port")
+        assert gateway_settings["metrics_port"] == "9090"  # its own port, as shipped
+        gateway_settings["metrics_port"] = str(free_port())
         gateway_settings.update(settings)
         gateway = start_gateway(gateway_settings, tmp / "gateway.log", wait=wait_ready)
     except BaseException:
