@@ -53,6 +53,35 @@ def test_rewrite_catalog(sql, expected):
     assert grammar.rewrite_catalog(sql, TARGET) == expected
 
 
+@pytest.mark.parametrize("sql, expected", [
+    # The functions that read the catalogs unfiltered, given an id, call the filtered ones.
+    ("SELECT pg_get_viewdef(c.oid), PG_CATALOG.format_type(t.oid, NULL) FROM pg_class c, "
+     "pg_type t",
+     f'SELECT "{TARGET}".pg_get_viewdef(c.oid), "{TARGET}".format_type(t.oid, NULL) '
+     f'FROM "{TARGET}".pg_class c, "{TARGET}".pg_type t'),
+    ('SELECT "obj_description"(16384, \'pg_class\'), d FROM pg_am, '
+     "LATERAL pg_catalog.pg_get_userbyid(10) d",
+     f'SELECT "{TARGET}"."obj_description"(16384, \'pg_class\'), d FROM "{TARGET}".pg_am, '
+     f'LATERAL "{TARGET}".pg_get_userbyid(10) d'),
+    # Others keep their names.
+    ("SELECT pg_catalog.pg_table_is_visible(oid), quote_ident(relname) FROM pg_class",
+     f'SELECT pg_catalog.pg_table_is_visible(oid), quote_ident(relname) FROM "{TARGET}".pg_class'),
+])
+def test_rewrite_catalog_functions(sql, expected):
+    assert grammar.rewrite_catalog(sql, TARGET, introspection.GUARDED_FUNCTIONS) == expected
+
+
+def test_every_filtered_function_is_one_policy_lists():
+    listed = set(json.loads(POLICY_DATA.read_text())["functions"]["catalog"])
+    assert introspection.GUARDED_FUNCTIONS <= listed
+
+
+def test_a_unicode_escaped_function_name_is_refused():
+    with pytest.raises(Forbidden):
+        grammar.rewrite_catalog('SELECT U&"pg_get_viewdef"(1) FROM pg_class', TARGET,
+                                introspection.GUARDED_FUNCTIONS)
+
+
 @pytest.mark.parametrize("sql, numbers", [
     ("SELECT current_setting('server_version') FROM pg_class", ()),
     ("SELECT pg_catalog.current_setting('TimeZone'::text) FROM pg_class", ()),
