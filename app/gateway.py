@@ -259,7 +259,8 @@ class Gateway:
         if facts.introspection:
             # The catalogs as the profile's role may see them (app/introspection.py).
             text = grammar.rewrite_catalog(
-                sql, introspection.CATALOG_SCHEMA, introspection.GUARDED_FUNCTIONS)
+                sql, introspection.CATALOG_SCHEMA, introspection.GUARDED_FUNCTIONS,
+                introspection.INFORMATION_SCHEMA)
         elif profile.schema_map:
             text = grammar.rewrite_schemas(sql, profile.schema_map)
         else:

@@ -700,21 +700,24 @@ def _rewrite(sql: str, items: tuple[tuple[str, str], ...]) -> str:
     return text
 
 
-def rewrite_catalog(sql: str, target: str, functions: frozenset[str] = frozenset()) -> str:
+def rewrite_catalog(sql: str, target: str, functions: frozenset[str] = frozenset(),
+                    information: str = "information_schema") -> str:
     """A catalog query (app/introspection.py) pointed at ``target``'s views of the catalogs.
 
     Every ``pg_catalog`` qualifier (of a relation or a three-part column reference) becomes
     ``target``, and an unqualified relation (a ``pg_…`` name, which ``pg_catalog`` holds) is
     qualified with it; so is a call of one of ``functions`` (unqualified or ``pg_catalog.``),
     which ``target`` holds filtered. Read back, every relation must be ``target``'s or
-    information_schema's, and every call of ``functions`` ``target``'s.
+    ``information``'s (information_schema's views are pointed there), and every call of
+    ``functions`` ``target``'s.
     """
-    return _rewrite_catalog(sql, target, functions)
+    return _rewrite_catalog(sql, target, functions, information)
 
 
 @functools.lru_cache(maxsize=1024)
-def _rewrite_catalog(sql: str, target: str, functions: frozenset[str]) -> str:
+def _rewrite_catalog(sql: str, target: str, functions: frozenset[str], information: str) -> str:
     _check_schema_name(target)
+    _check_schema_name(information)
     raw, tokens, tree = _parse(sql, None)
     by_start = {t.start: t for t in tokens}
     edits: dict[int, tuple[int, str]] = {}  # start -> (end, replacement)
@@ -750,11 +753,14 @@ def _rewrite_catalog(sql: str, target: str, functions: frozenset[str]) -> str:
         out += [raw[position:start], replacement.encode("utf-8")]
         position = end
     out.append(raw[position:])
-    text = rewrite_schemas(b"".join(out).decode("utf-8"), {"pg_catalog": target})
+    mapping = {"pg_catalog": target}
+    if information != "information_schema":
+        mapping["information_schema"] = information
+    text = rewrite_schemas(b"".join(out).decode("utf-8"), mapping)
     _, _, again = _parse(text, None)
     for node in walk(again):
         if "relpersistence" in node and "relname" in node and node.get("schemaname") not in (
-            target, "information_schema"
+            target, information
         ):
             raise RuntimeError("rewrite_catalog: a relation is not pointed at the catalog views")
         call = node.get("FuncCall")

@@ -100,7 +100,8 @@ def relations(tree: dict[str, Any]) -> tuple[str, ...] | None:
     if not found:
         return None
     never = sorted(r for r in found if NEVER.match(r) or (
-        r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS))
+        r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS) or (
+        r.startswith("information_schema.") and r.split(".", 1)[1] not in INFORMATION_VIEWS))
     if never:
         raise Forbidden(
             "catalog_relation_denied",
@@ -214,6 +215,10 @@ def parameters(tree: dict[str, Any]) -> int:
 # caller's runs on a row they drop. information_schema filters by privilege itself.
 
 CATALOG_SCHEMA = "querygate_catalog"
+# information_schema's views as the caller may see them: PostgreSQL filters them by
+# privilege, but lists a routine anyone may execute (the default) in a schema the role may
+# not use, and the gateway's own schemas; these keep the rows of the schemas it may use.
+INFORMATION_SCHEMA = "querygate_information_schema"
 
 # A relation of the catalogs is visible when it is the system's, or in a schema the role may
 # use and the role may use it too (an index: its table; a sequence: USAGE, SELECT or
@@ -247,6 +252,10 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = nsp AND c.relname = rel AND {CATALOG_SCHEMA}.relation_visible(c.oid));
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.schema_visible(nsp name) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+               WHERE n.nspname = nsp AND {CATALOG_SCHEMA}.namespace_visible(n.oid));
 -- A type: in a visible schema, not the row type of a hidden relation, nor an array of one
 -- (a table's array type "_name" has typrelid 0, its element the row type).
 CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.type_visible(typ oid) RETURNS boolean
@@ -264,11 +273,16 @@ RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_constraint c
     WHERE c.oid = con AND ((c.conrelid = 0 AND {CATALOG_SCHEMA}.namespace_visible(c.connamespace))
                            OR {CATALOG_SCHEMA}.relation_visible(c.conrelid)));
+-- A function: the system's, or in a schema the role may use and one it may execute (its
+-- source, prosrc, can hold values).
 CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.proc_visible(fn oid) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_proc p
-    WHERE p.oid = fn AND {CATALOG_SCHEMA}.namespace_visible(p.pronamespace));
+    WHERE p.oid = fn AND (
+        p.pronamespace IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+        OR ({CATALOG_SCHEMA}.namespace_visible(p.pronamespace)
+            AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE'))));
 -- An object of a catalog (its comment, its definition) is visible with what it is on; one of
 -- a kind not listed here only if it is the system's (FirstNormalObjectId is 16384).
 CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.object_visible(cls oid, obj oid) RETURNS boolean
@@ -312,10 +326,19 @@ _CLASS = "'pg_catalog.pg_class'::regclass"
 # (None: every row; what it holds is not about the caller's objects). Policy's list
 # (``catalog.relations``) can only narrow this one: a relation not here has no view, and a
 # query naming it is refused (``catalog_relation_denied``).
+_P = f"{CATALOG_SCHEMA}.proc_visible"
+_T = f"{CATALOG_SCHEMA}.type_visible"
 CATALOG_VIEWS: dict[str, str | None] = {
-    "pg_aggregate": None, "pg_am": None, "pg_cast": None, "pg_collation": None,
-    "pg_event_trigger": None, "pg_extension": None, "pg_language": None, "pg_opclass": None,
-    "pg_operator": None, "pg_publication": None, "pg_range": None, "pg_tablespace": None,
+    "pg_am": None, "pg_extension": None, "pg_language": None, "pg_publication": None,
+    "pg_tablespace": None,
+    # Objects in schemas, and those made of them: kept with their schema, function or type.
+    "pg_aggregate": f"{_P}(aggfnoid)",
+    "pg_cast": f"(castfunc = 0 OR {_P}(castfunc)) AND {_T}(castsource) AND {_T}(casttarget)",
+    "pg_collation": f"{_N}(collnamespace)",
+    "pg_event_trigger": f"{_P}(evtfoid)",
+    "pg_opclass": f"{_N}(opcnamespace)",
+    "pg_operator": f"{_N}(oprnamespace) AND (oprcode = 0 OR {_P}(oprcode))",
+    "pg_range": f"{_T}(rngtypid)",
     "pg_class": f"{_V}(oid)",
     "pg_namespace": f"{_N}(oid)",
     "pg_attribute": f"{_V}(attrelid)",
@@ -335,7 +358,7 @@ CATALOG_VIEWS: dict[str, str | None] = {
     "pg_depend": f"(classid <> {_CLASS} OR {_V}(objid)) "
                  f"AND (refclassid <> {_CLASS} OR {_V}(refobjid))",
     "pg_description": f"{CATALOG_SCHEMA}.object_visible(classoid, objoid)",
-    "pg_proc": f"{_N}(pronamespace)",
+    "pg_proc": f"{_P}(oid)",
     "pg_type": f"{CATALOG_SCHEMA}.type_visible(oid)",
     "pg_enum": f"EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid = enumtypid "
                f"AND {_N}(t.typnamespace))",
@@ -362,6 +385,42 @@ WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relname = ANY($1::text[]
   AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype <> 'p'
 GROUP BY c.relname
 """
+
+
+# Every information_schema view a catalog query may name, with its columns naming a schema
+# (each must be NULL or one the role may use). Policy's list can only narrow this one.
+INFORMATION_VIEWS: dict[str, tuple[str, ...]] = {
+    "character_sets": (),
+    "check_constraints": ("constraint_schema",),
+    "columns": ("table_schema",),
+    "constraint_column_usage": ("table_schema", "constraint_schema"),
+    "domains": ("domain_schema",),
+    "element_types": ("object_schema",),
+    "key_column_usage": ("table_schema", "constraint_schema"),
+    "parameters": ("specific_schema",),
+    "referential_constraints": ("constraint_schema", "unique_constraint_schema"),
+    "routines": ("specific_schema", "routine_schema"),
+    "schemata": ("schema_name",),
+    "sequences": ("sequence_schema",),
+    "table_constraints": ("constraint_schema", "table_schema"),
+    "tables": ("table_schema",),
+    "views": ("table_schema",),
+}
+
+
+def _information_views_sql() -> str:
+    parts = [f"CREATE SCHEMA {INFORMATION_SCHEMA};"]
+    for name, columns in sorted(INFORMATION_VIEWS.items()):
+        keep = " AND ".join(
+            f"({c} IS NULL OR {CATALOG_SCHEMA}.schema_visible({c}::name))" for c in columns
+        )
+        parts.append(
+            f"CREATE VIEW {INFORMATION_SCHEMA}.{name} WITH (security_barrier) AS "
+            f"SELECT * FROM information_schema.{name}" + (f" WHERE {keep};" if keep else ";")
+        )
+    parts.append(f"GRANT USAGE ON SCHEMA {INFORMATION_SCHEMA} TO PUBLIC;")
+    parts.append(f"GRANT SELECT ON ALL TABLES IN SCHEMA {INFORMATION_SCHEMA} TO PUBLIC;")
+    return "\n".join(parts)
 
 
 # The functions of ``functions.catalog`` that, given any object's id (or name), read the
@@ -465,6 +524,7 @@ def catalog_views_sql(columns: dict[str, list[str]]) -> str:
             f"SELECT {listed} FROM pg_catalog.{name}{where};"
         )
     parts.append(_functions_sql())
+    parts.append(_information_views_sql())
     parts.append(f"GRANT USAGE ON SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
     parts.append(f"GRANT SELECT ON ALL TABLES IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
     parts.append(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")

@@ -44,12 +44,24 @@ def hidden(db) -> Iterator[None]:
             WHERE note = '{SECRET_INDEX_VALUE}';
         CREATE VIEW vault_hidden.ceo AS SELECT '{SECRET_VIEW_VALUE}'::text AS pay;
         CREATE SEQUENCE vault_hidden.bonus_seq;
+        CREATE FUNCTION vault_hidden.plus_bonus(int, int) RETURNS int LANGUAGE sql
+            AS 'SELECT $1 + $2';
+        CREATE OPERATOR vault_hidden.%%% (LEFTARG = int, RIGHTARG = int,
+            FUNCTION = vault_hidden.plus_bonus);
+        CREATE AGGREGATE vault_hidden.bonus_total(int) (SFUNC = vault_hidden.plus_bonus,
+            STYPE = int);
+        CREATE COLLATION vault_hidden.bonus_order (provider = libc, locale = 'C');
+        CREATE TYPE vault_hidden.bonus_range AS RANGE (subtype = int4);
+        CREATE FUNCTION public.bonus_formula() RETURNS text LANGUAGE sql
+            AS $$SELECT 'prosrc-secret-555'$$;
+        REVOKE EXECUTE ON FUNCTION public.bonus_formula() FROM PUBLIC;
         CREATE SCHEMA usable_hidden;
         GRANT USAGE ON SCHEMA usable_hidden TO PUBLIC;
         CREATE TABLE usable_hidden.raises (emp int);
     """)
     yield
-    db.execute("DROP SCHEMA vault_hidden CASCADE; DROP SCHEMA usable_hidden CASCADE")
+    db.execute("DROP SCHEMA vault_hidden CASCADE; DROP SCHEMA usable_hidden CASCADE; "
+               "DROP FUNCTION public.bonus_formula()")
 
 
 def alice_rows(pg: Any, keys: Any, sql: str) -> list[tuple[Any, ...]]:
@@ -143,6 +155,41 @@ def test_pg_description_hides_comments_on_hidden_objects_of_every_kind(pg, keys,
     sql = "SELECT description FROM pg_catalog.pg_description WHERE description LIKE '%secret%'"
     assert alice_rows(pg, keys, sql) == []
     assert over_http(pg, keys, sql) == []
+
+
+@pytest.mark.parametrize("sql", [
+    # Objects in a schema the role may not use, and what is made of them.
+    "SELECT oprname::text FROM pg_operator WHERE oprname = '%%%'",
+    "SELECT aggfnoid::text FROM pg_aggregate WHERE aggfnoid::text LIKE 'vault_hidden.%'",
+    "SELECT collname::text FROM pg_collation WHERE collname = 'bonus_order'",
+    "SELECT rngtypid::text FROM pg_range WHERE rngtypid > 16384",
+    # information_schema lists a routine anyone may execute wherever it is, the gateway's too.
+    "SELECT routine_schema || '.' || routine_name FROM information_schema.routines "
+    "WHERE routine_schema NOT IN ('pg_catalog', 'information_schema')",
+    "SELECT specific_schema::text FROM information_schema.parameters "
+    "WHERE specific_schema NOT IN ('pg_catalog', 'information_schema')",
+    "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+    "WHERE table_schema LIKE 'querygate%'",
+    # A function of a schema the role may use, which it may not execute: its source.
+    "SELECT prosrc FROM pg_catalog.pg_proc WHERE proname = 'bonus_formula'",
+])
+def test_catalog_rows_of_hidden_functions_operators_and_types_are_not_shown(
+        pg, keys, hidden, db, sql):
+    """The views of pg_operator, pg_aggregate, pg_collation and pg_range kept every row;
+    pg_proc kept a function the role may not execute (prosrc, its source, held a value);
+    information_schema.routines and .parameters list every function PUBLIC may execute,
+    in a schema the role may not use (vault_hidden) or the gateway's (querygate_mask)."""
+    direct = db.fetch(sql)
+    assert direct, sql  # there is something to hide
+    assert alice_rows(pg, keys, sql) == [], sql
+    assert over_http(pg, keys, sql) == [], sql
+
+
+def test_information_schema_still_describes_what_the_caller_may_see(pg, keys):
+    rows = alice_rows(pg, keys, (
+        "SELECT information_schema.columns.column_name FROM information_schema.columns "
+        "WHERE table_name = 'customers' ORDER BY ordinal_position"))
+    assert [r[0] for r in rows][:3] == ["id", "full_name", "email"], rows
 
 
 @pytest.mark.xfail(strict=True, reason=(

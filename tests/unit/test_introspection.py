@@ -20,7 +20,9 @@ def test_every_relation_policy_lists_has_a_filtered_view():
     listed = json.loads(POLICY_DATA.read_text())["catalog"]["relations"]
     for name in listed:
         schema, relation = name.split(".")
-        assert schema == "information_schema" or relation in introspection.CATALOG_VIEWS, name
+        views = (introspection.INFORMATION_VIEWS if schema == "information_schema"
+                 else introspection.CATALOG_VIEWS)
+        assert relation in views, name
 
 
 def test_a_catalog_without_a_view_is_refused():
@@ -69,6 +71,15 @@ def test_rewrite_catalog(sql, expected):
 ])
 def test_rewrite_catalog_functions(sql, expected):
     assert grammar.rewrite_catalog(sql, TARGET, introspection.GUARDED_FUNCTIONS) == expected
+
+
+def test_rewrite_catalog_points_information_schema_at_its_filtered_views():
+    info = introspection.INFORMATION_SCHEMA
+    sql = ("SELECT information_schema.tables.table_name FROM information_schema.tables "
+           "JOIN pg_namespace n ON n.nspname = table_schema")
+    assert grammar.rewrite_catalog(sql, TARGET, frozenset(), info) == (
+        f'SELECT "{info}".tables.table_name FROM "{info}".tables '
+        f'JOIN "{TARGET}".pg_namespace n ON n.nspname = table_schema')
 
 
 def test_every_filtered_function_is_one_policy_lists():
