@@ -258,7 +258,9 @@ class Gateway:
             profile = await self.profiles.get(spec, catalog)
         if facts.introspection:
             # The catalogs as the profile's role may see them (app/introspection.py).
-            text = grammar.rewrite_catalog(sql, introspection.CATALOG_SCHEMA)
+            text = grammar.rewrite_catalog(
+                sql, introspection.CATALOG_SCHEMA, introspection.GUARDED_FUNCTIONS,
+                introspection.INFORMATION_SCHEMA)
         elif profile.schema_map:
             text = grammar.rewrite_schemas(sql, profile.schema_map)
         else:

@@ -700,22 +700,27 @@ def _rewrite(sql: str, items: tuple[tuple[str, str], ...]) -> str:
     return text
 
 
-def rewrite_catalog(sql: str, target: str) -> str:
+def rewrite_catalog(sql: str, target: str, functions: frozenset[str] = frozenset(),
+                    information: str = "information_schema") -> str:
     """A catalog query (app/introspection.py) pointed at ``target``'s views of the catalogs.
 
     Every ``pg_catalog`` qualifier (of a relation or a three-part column reference) becomes
     ``target``, and an unqualified relation (a ``pg_…`` name, which ``pg_catalog`` holds) is
-    qualified with it. Read back, every relation must be ``target``'s or information_schema's.
+    qualified with it; so is a call of one of ``functions`` (unqualified or ``pg_catalog.``),
+    which ``target`` holds filtered. Read back, every relation must be ``target``'s or
+    ``information``'s (information_schema's views are pointed there), and every call of
+    ``functions`` ``target``'s.
     """
-    return _rewrite_catalog(sql, target)
+    return _rewrite_catalog(sql, target, functions, information)
 
 
 @functools.lru_cache(maxsize=1024)
-def _rewrite_catalog(sql: str, target: str) -> str:
+def _rewrite_catalog(sql: str, target: str, functions: frozenset[str], information: str) -> str:
     _check_schema_name(target)
+    _check_schema_name(information)
     raw, tokens, tree = _parse(sql, None)
     by_start = {t.start: t for t in tokens}
-    starts: set[int] = set()
+    edits: dict[int, tuple[int, str]] = {}  # start -> (end, replacement)
     for node in walk(tree):
         if "relpersistence" in node and "relname" in node and node.get("schemaname") is None:
             token = by_start.get(node.get("location", -1))
@@ -723,20 +728,46 @@ def _rewrite_catalog(sql: str, target: str) -> str:
                 node["relname"]
             ):
                 _mismatch("a relation name is not where PostgreSQL reports it")
-            starts.add(token.start)
-    parts: list[bytes] = []
+            edits[token.start] = (token.start, _quote(target) + ".")
+        call = node.get("FuncCall")
+        if call is None:
+            continue
+        parts = [p.get("String", {}).get("sval") for p in call.get("funcname", ())]
+        if not parts or not isinstance(parts[-1], str) or parts[-1] not in functions:
+            continue
+        if parts[:-1] not in ([], ["pg_catalog"]):
+            continue
+        token = by_start.get(call.get("location", -1))
+        if token is None or token.kind == "UIDENT" or _identifier(
+            raw[token.start:token.end].decode("utf-8")
+        ) != parts[0]:
+            _mismatch("a function name is not where PostgreSQL reports it")
+        if len(parts) == 1:
+            edits[token.start] = (token.start, _quote(target) + ".")
+        else:
+            edits[token.start] = (token.end, _quote(target))
+    out: list[bytes] = []
     position = 0
-    for start in sorted(starts):
-        parts += [raw[position:start], (_quote(target) + ".").encode("utf-8")]
-        position = start
-    parts.append(raw[position:])
-    text = rewrite_schemas(b"".join(parts).decode("utf-8"), {"pg_catalog": target})
+    for start in sorted(edits):
+        end, replacement = edits[start]
+        out += [raw[position:start], replacement.encode("utf-8")]
+        position = end
+    out.append(raw[position:])
+    mapping = {"pg_catalog": target}
+    if information != "information_schema":
+        mapping["information_schema"] = information
+    text = rewrite_schemas(b"".join(out).decode("utf-8"), mapping)
     _, _, again = _parse(text, None)
     for node in walk(again):
         if "relpersistence" in node and "relname" in node and node.get("schemaname") not in (
-            target, "information_schema"
+            target, information
         ):
             raise RuntimeError("rewrite_catalog: a relation is not pointed at the catalog views")
+        call = node.get("FuncCall")
+        if call is not None:
+            parts = [p.get("String", {}).get("sval") for p in call.get("funcname", ())]
+            if parts and parts[-1] in functions and parts[:-1] in ([], ["pg_catalog"]):
+                raise RuntimeError("rewrite_catalog: a function is not pointed at the catalog's")
     return text
 
 

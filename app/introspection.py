@@ -100,7 +100,8 @@ def relations(tree: dict[str, Any]) -> tuple[str, ...] | None:
     if not found:
         return None
     never = sorted(r for r in found if NEVER.match(r) or (
-        r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS))
+        r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS) or (
+        r.startswith("information_schema.") and r.split(".", 1)[1] not in INFORMATION_VIEWS))
     if never:
         raise Forbidden(
             "catalog_relation_denied",
@@ -214,6 +215,10 @@ def parameters(tree: dict[str, Any]) -> int:
 # caller's runs on a row they drop. information_schema filters by privilege itself.
 
 CATALOG_SCHEMA = "querygate_catalog"
+# information_schema's views as the caller may see them: PostgreSQL filters them by
+# privilege, but lists a routine anyone may execute (the default) in a schema the role may
+# not use, and the gateway's own schemas; these keep the rows of the schemas it may use.
+INFORMATION_SCHEMA = "querygate_information_schema"
 
 # A relation of the catalogs is visible when it is the system's, or in a schema the role may
 # use and the role may use it too (an index: its table; a sequence: USAGE, SELECT or
@@ -247,6 +252,70 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = nsp AND c.relname = rel AND {CATALOG_SCHEMA}.relation_visible(c.oid));
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.schema_visible(nsp name) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+               WHERE n.nspname = nsp AND {CATALOG_SCHEMA}.namespace_visible(n.oid));
+-- A type: in a visible schema, not the row type of a hidden relation, nor an array of one
+-- (a table's array type "_name" has typrelid 0, its element the row type).
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.type_visible(typ oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_type t
+    WHERE t.oid = typ AND {CATALOG_SCHEMA}.namespace_visible(t.typnamespace)
+      AND (t.typrelid = 0 OR {CATALOG_SCHEMA}.relation_visible(t.typrelid))
+      AND NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_type e WHERE e.oid = t.typelem AND e.typrelid <> 0
+          AND NOT {CATALOG_SCHEMA}.relation_visible(e.typrelid)));
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.constraint_visible(con oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_constraint c
+    WHERE c.oid = con AND ((c.conrelid = 0 AND {CATALOG_SCHEMA}.namespace_visible(c.connamespace))
+                           OR {CATALOG_SCHEMA}.relation_visible(c.conrelid)));
+-- A function: the system's, or in a schema the role may use and one it may execute (its
+-- source, prosrc, can hold values).
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.proc_visible(fn oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_proc p
+    WHERE p.oid = fn AND (
+        p.pronamespace IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+        OR ({CATALOG_SCHEMA}.namespace_visible(p.pronamespace)
+            AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE'))));
+-- An object of a catalog (its comment, its definition) is visible with what it is on; one of
+-- a kind not listed here only if it is the system's (FirstNormalObjectId is 16384).
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.object_visible(cls oid, obj oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE cls
+    WHEN 'pg_catalog.pg_class'::regclass THEN {CATALOG_SCHEMA}.relation_visible(obj)
+    WHEN 'pg_catalog.pg_namespace'::regclass THEN {CATALOG_SCHEMA}.namespace_visible(obj)
+    WHEN 'pg_catalog.pg_constraint'::regclass THEN {CATALOG_SCHEMA}.constraint_visible(obj)
+    WHEN 'pg_catalog.pg_proc'::regclass THEN {CATALOG_SCHEMA}.proc_visible(obj)
+    WHEN 'pg_catalog.pg_type'::regclass THEN {CATALOG_SCHEMA}.type_visible(obj)
+    WHEN 'pg_catalog.pg_trigger'::regclass THEN EXISTS (SELECT 1 FROM pg_catalog.pg_trigger x
+        WHERE x.oid = obj AND {CATALOG_SCHEMA}.relation_visible(x.tgrelid))
+    WHEN 'pg_catalog.pg_rewrite'::regclass THEN EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite x
+        WHERE x.oid = obj AND {CATALOG_SCHEMA}.relation_visible(x.ev_class))
+    WHEN 'pg_catalog.pg_policy'::regclass THEN EXISTS (SELECT 1 FROM pg_catalog.pg_policy x
+        WHERE x.oid = obj AND {CATALOG_SCHEMA}.relation_visible(x.polrelid))
+    WHEN 'pg_catalog.pg_statistic_ext'::regclass THEN EXISTS (
+        SELECT 1 FROM pg_catalog.pg_statistic_ext x
+        WHERE x.oid = obj AND {CATALOG_SCHEMA}.relation_visible(x.stxrelid))
+    ELSE obj < 16384
+END;
+-- A role's name: the session's role and those it is a member of, and the owners of what
+-- it sees (psql shows a table's, a schema's, a function's owner).
+CREATE OR REPLACE FUNCTION {CATALOG_SCHEMA}.role_visible(r oid) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_roles o WHERE o.oid = r) AND (
+    pg_catalog.pg_has_role(r, 'MEMBER') OR r = 10
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relowner = r
+               AND {CATALOG_SCHEMA}.relation_visible(c.oid))
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspowner = r
+               AND {CATALOG_SCHEMA}.namespace_visible(n.oid))
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.proowner = r
+               AND {CATALOG_SCHEMA}.namespace_visible(p.pronamespace)));
 """
 
 _V = f"{CATALOG_SCHEMA}.relation_visible"
@@ -257,11 +326,19 @@ _CLASS = "'pg_catalog.pg_class'::regclass"
 # (None: every row; what it holds is not about the caller's objects). Policy's list
 # (``catalog.relations``) can only narrow this one: a relation not here has no view, and a
 # query naming it is refused (``catalog_relation_denied``).
+_P = f"{CATALOG_SCHEMA}.proc_visible"
+_T = f"{CATALOG_SCHEMA}.type_visible"
 CATALOG_VIEWS: dict[str, str | None] = {
-    "pg_aggregate": None, "pg_am": None, "pg_cast": None, "pg_collation": None,
-    "pg_event_trigger": None, "pg_extension": None, "pg_language": None, "pg_opclass": None,
-    "pg_operator": None, "pg_publication": None, "pg_range": None, "pg_tablespace": None,
-    "pg_sequences": None,  # PostgreSQL shows the sequences the role has privileges on
+    "pg_am": None, "pg_extension": None, "pg_language": None, "pg_publication": None,
+    "pg_tablespace": None,
+    # Objects in schemas, and those made of them: kept with their schema, function or type.
+    "pg_aggregate": f"{_P}(aggfnoid)",
+    "pg_cast": f"(castfunc = 0 OR {_P}(castfunc)) AND {_T}(castsource) AND {_T}(casttarget)",
+    "pg_collation": f"{_N}(collnamespace)",
+    "pg_event_trigger": f"{_P}(evtfoid)",
+    "pg_opclass": f"{_N}(opcnamespace)",
+    "pg_operator": f"{_N}(oprnamespace) AND (oprcode = 0 OR {_P}(oprcode))",
+    "pg_range": f"{_T}(rngtypid)",
     "pg_class": f"{_V}(oid)",
     "pg_namespace": f"{_N}(oid)",
     "pg_attribute": f"{_V}(attrelid)",
@@ -280,9 +357,9 @@ CATALOG_VIEWS: dict[str, str | None] = {
     "pg_publication_namespace": f"{_N}(pnnspid)",
     "pg_depend": f"(classid <> {_CLASS} OR {_V}(objid)) "
                  f"AND (refclassid <> {_CLASS} OR {_V}(refobjid))",
-    "pg_description": f"classoid <> {_CLASS} OR {_V}(objoid)",
-    "pg_proc": f"{_N}(pronamespace)",
-    "pg_type": f"{_N}(typnamespace) AND (typrelid = 0 OR {_V}(typrelid))",
+    "pg_description": f"{CATALOG_SCHEMA}.object_visible(classoid, objoid)",
+    "pg_proc": f"{_P}(oid)",
+    "pg_type": f"{CATALOG_SCHEMA}.type_visible(oid)",
     "pg_enum": f"EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid = enumtypid "
                f"AND {_N}(t.typnamespace))",
     "pg_roles": "pg_catalog.pg_has_role(oid, 'MEMBER')",
@@ -293,6 +370,8 @@ CATALOG_VIEWS: dict[str, str | None] = {
     "pg_matviews": f"{CATALOG_SCHEMA}.named_visible(schemaname, matviewname)",
     "pg_indexes": f"{CATALOG_SCHEMA}.named_visible(schemaname, indexname)",
     "pg_policies": f"{CATALOG_SCHEMA}.named_visible(schemaname, tablename)",
+    # PostgreSQL lists every sequence here (last_value only with a privilege on it).
+    "pg_sequences": f"{CATALOG_SCHEMA}.named_visible(schemaname, sequencename)",
 }
 
 
@@ -306,6 +385,128 @@ WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relname = ANY($1::text[]
   AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype <> 'p'
 GROUP BY c.relname
 """
+
+
+# Every information_schema view a catalog query may name, with its columns naming a schema
+# (each must be NULL or one the role may use). Policy's list can only narrow this one.
+INFORMATION_VIEWS: dict[str, tuple[str, ...]] = {
+    "character_sets": (),
+    "check_constraints": ("constraint_schema",),
+    "columns": ("table_schema",),
+    "constraint_column_usage": ("table_schema", "constraint_schema"),
+    "domains": ("domain_schema",),
+    "element_types": ("object_schema",),
+    "key_column_usage": ("table_schema", "constraint_schema"),
+    "parameters": ("specific_schema",),
+    "referential_constraints": ("constraint_schema", "unique_constraint_schema"),
+    "routines": ("specific_schema", "routine_schema"),
+    "schemata": ("schema_name",),
+    "sequences": ("sequence_schema",),
+    "table_constraints": ("constraint_schema", "table_schema"),
+    "tables": ("table_schema",),
+    "views": ("table_schema",),
+}
+
+
+def _information_views_sql() -> str:
+    parts = [f"CREATE SCHEMA {INFORMATION_SCHEMA};"]
+    for name, columns in sorted(INFORMATION_VIEWS.items()):
+        keep = " AND ".join(
+            f"({c} IS NULL OR {CATALOG_SCHEMA}.schema_visible({c}::name))" for c in columns
+        )
+        parts.append(
+            f"CREATE VIEW {INFORMATION_SCHEMA}.{name} WITH (security_barrier) AS "
+            f"SELECT * FROM information_schema.{name}" + (f" WHERE {keep};" if keep else ";")
+        )
+    parts.append(f"GRANT USAGE ON SCHEMA {INFORMATION_SCHEMA} TO PUBLIC;")
+    parts.append(f"GRANT SELECT ON ALL TABLES IN SCHEMA {INFORMATION_SCHEMA} TO PUBLIC;")
+    return "\n".join(parts)
+
+
+# The functions of ``functions.catalog`` that, given any object's id (or name), read the
+# catalogs unfiltered: a view's, a constraint's or an index's definition (and the literals in
+# it), a comment, a type's or a role's name. Every id can be tried (``generate_series``), so
+# a catalog query calls these instead (``grammar.rewrite_catalog`` points the names there):
+# each answers only for what the views above keep, else NULL (``format_type``: ``???``, as
+# for an unknown type; ``pg_get_userbyid``: ``unknown (OID=…)``, as PostgreSQL answers).
+# (name, parameters, result, condition; NULL when false).
+_O = f"{CATALOG_SCHEMA}.object_visible"
+_ROLE = f"{CATALOG_SCHEMA}.role_visible"
+_TEXT_REL = f"{_V}(pg_catalog.to_regclass(v))"
+CATALOG_FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("format_type", "typ oid, typmod integer", "text",
+     f"typ IS NULL OR {CATALOG_SCHEMA}.type_visible(typ)"),
+    ("pg_get_constraintdef", "v oid", "text", f"{CATALOG_SCHEMA}.constraint_visible(v)"),
+    ("pg_get_constraintdef", "v oid, pretty boolean", "text",
+     f"{CATALOG_SCHEMA}.constraint_visible(v)"),
+    ("pg_get_expr", "expr pg_node_tree, rel oid", "text", f"rel = 0 OR {_V}(rel)"),
+    ("pg_get_expr", "expr pg_node_tree, rel oid, pretty boolean", "text",
+     f"rel = 0 OR {_V}(rel)"),
+    ("pg_get_function_arguments", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
+    ("pg_get_function_identity_arguments", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
+    ("pg_get_function_result", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
+    ("pg_get_indexdef", "v oid", "text", f"{_V}(v)"),
+    ("pg_get_indexdef", "v oid, col integer, pretty boolean", "text", f"{_V}(v)"),
+    ("pg_get_partition_constraintdef", "v oid", "text", f"{_V}(v)"),
+    ("pg_get_partkeydef", "v oid", "text", f"{_V}(v)"),
+    ("pg_get_ruledef", "v oid", "text", f"{_O}('pg_catalog.pg_rewrite'::regclass, v)"),
+    ("pg_get_ruledef", "v oid, pretty boolean", "text",
+     f"{_O}('pg_catalog.pg_rewrite'::regclass, v)"),
+    ("pg_get_serial_sequence", "v text, col text", "text", _TEXT_REL),
+    ("pg_get_statisticsobjdef_columns", "v oid", "text",
+     f"{_O}('pg_catalog.pg_statistic_ext'::regclass, v)"),
+    ("pg_get_triggerdef", "v oid", "text", f"{_O}('pg_catalog.pg_trigger'::regclass, v)"),
+    ("pg_get_triggerdef", "v oid, pretty boolean", "text",
+     f"{_O}('pg_catalog.pg_trigger'::regclass, v)"),
+    ("pg_get_userbyid", "v oid", "name", f"{_ROLE}(v)"),
+    ("pg_get_viewdef", "v oid", "text", f"{_V}(v)"),
+    ("pg_get_viewdef", "v oid, pretty boolean", "text", f"{_V}(v)"),
+    ("pg_get_viewdef", "v oid, wrap integer", "text", f"{_V}(v)"),
+    ("pg_get_viewdef", "v text", "text", _TEXT_REL),
+    ("pg_get_viewdef", "v text, pretty boolean", "text", _TEXT_REL),
+    ("pg_partition_root", "v regclass", "regclass",
+     f"{_V}(v) AND {_V}(pg_catalog.pg_partition_root(v))"),
+    ("pg_relation_size", "v regclass", "bigint", f"{_V}(v)"),
+    ("pg_relation_size", "v regclass, fork text", "bigint", f"{_V}(v)"),
+    ("pg_total_relation_size", "v regclass", "bigint", f"{_V}(v)"),
+    ("shobj_description", "v oid, cat name", "text",
+     f"(cat = 'pg_authid' AND {_ROLE}(v)) OR cat = 'pg_tablespace' OR (cat = 'pg_database' "
+     "AND v = (SELECT d.oid FROM pg_catalog.pg_database d "
+     "WHERE d.datname = pg_catalog.current_database()))"),
+)
+_OTHERWISE = {"format_type": "'???'",
+              "pg_get_userbyid": "('unknown (OID=' || v::text || ')')::name"}
+# obj_description and col_description read pg_description: here, its view.
+_DESCRIPTIONS = f"""
+CREATE FUNCTION {CATALOG_SCHEMA}.obj_description(v oid, cat name) RETURNS text
+LANGUAGE sql STABLE
+RETURN (SELECT d.description FROM {CATALOG_SCHEMA}.pg_description d
+        WHERE d.objoid = v AND d.objsubid = 0 AND d.classoid = (
+            SELECT c.oid FROM pg_catalog.pg_class c
+            WHERE c.relname = cat AND c.relnamespace = 'pg_catalog'::regnamespace));
+CREATE FUNCTION {CATALOG_SCHEMA}.col_description(v oid, col integer) RETURNS text
+LANGUAGE sql STABLE
+RETURN (SELECT d.description FROM {CATALOG_SCHEMA}.pg_description d
+        WHERE d.objoid = v AND d.classoid = 'pg_catalog.pg_class'::regclass
+          AND d.objsubid = col);
+"""
+# What a catalog query calls in querygate_catalog rather than in pg_catalog.
+GUARDED_FUNCTIONS: frozenset[str] = frozenset(
+    {name for name, *_ in CATALOG_FUNCTIONS} | {"obj_description", "col_description"}
+)
+
+
+def _functions_sql() -> str:
+    parts = [_DESCRIPTIONS]
+    for name, params, result, condition in CATALOG_FUNCTIONS:
+        args = ", ".join(p.split()[0] for p in params.split(", "))
+        otherwise = _OTHERWISE.get(name, "NULL")
+        parts.append(
+            f"CREATE FUNCTION {CATALOG_SCHEMA}.{name}({params}) RETURNS {result} "
+            f"LANGUAGE sql STABLE RETURN CASE WHEN {condition} "
+            f"THEN pg_catalog.{name}({args}) ELSE {otherwise} END;"
+        )
+    return "\n".join(parts)
 
 
 def catalog_views_sql(columns: dict[str, list[str]]) -> str:
@@ -322,6 +523,8 @@ def catalog_views_sql(columns: dict[str, list[str]]) -> str:
             f"CREATE VIEW {CATALOG_SCHEMA}.{name} WITH (security_barrier) AS "
             f"SELECT {listed} FROM pg_catalog.{name}{where};"
         )
+    parts.append(_functions_sql())
+    parts.append(_information_views_sql())
     parts.append(f"GRANT USAGE ON SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
     parts.append(f"GRANT SELECT ON ALL TABLES IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")
     parts.append(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {CATALOG_SCHEMA} TO PUBLIC;")

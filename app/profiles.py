@@ -269,6 +269,8 @@ async def _catalog_views(conn: asyncpg.Connection) -> None:
         return
     await conn.execute(f"SET LOCAL ROLE {quote_ident(MASK_OWNER)}")
     await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    await conn.execute(
+        f"DROP SCHEMA IF EXISTS {quote_ident(introspection.INFORMATION_SCHEMA)} CASCADE")
     await conn.execute(f"CREATE SCHEMA {schema}")
     await conn.execute(sql)
     await conn.execute(f"COMMENT ON SCHEMA {schema} IS {quote_literal(digest)}")

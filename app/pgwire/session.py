@@ -856,10 +856,18 @@ class Session:
         else:
             conn.send(m.execute(name, want), m.FLUSH)
         plan = portal.plan if portal.mask_here else None
+        # A write's rows (RETURNING) wait for its blast radius, known at its CommandComplete
+        # only: none is flushed before, and those past the limit (its check will fail) are
+        # not kept.
+        limit = auth.max_rows_affected if _writes(auth) else None
         while True:
             rows = await conn.read_rows()
             if rows:
                 portal.sent += _count_rows(rows)
+                if limit is not None:
+                    if portal.sent <= limit:
+                        self.out.append(rows if plan is None else _masked(rows, plan))
+                    continue
                 self.out.append(rows if plan is None else _masked(rows, plan))
                 if sum(len(b) for b in self.out) > 256 * 1024:
                     if auth.durable is not None:
@@ -872,6 +880,16 @@ class Session:
                 await self._completed(portal, tag)
                 return
             if kind == _s:
+                if limit is not None:
+                    # PostgreSQL ran the write to its end; how many rows it changed, which
+                    # the blast radius bounds, only its CommandComplete says.
+                    self.rollback_at_sync = True
+                    raise Forbidden(
+                        "unsupported_construct",
+                        "a write's rows (RETURNING) cannot be fetched in parts, by an Execute "
+                        "with a row limit or past policy's max_rows: its blast radius is "
+                        "known only at its end; it was rolled back",
+                    )
                 if cap is not None and portal.sent >= cap:
                     await self._truncate(portal, conn, name)
                     return

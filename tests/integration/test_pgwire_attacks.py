@@ -345,3 +345,59 @@ def test_no_row_reaches_the_client_before_its_decision_is_durable(
         assert errors(out) == ["58030"], out
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_returning_rows_of_a_write_the_blast_radius_rolled_back_never_reach_the_client(
+    pg, keys, db, in_transaction
+):
+    """A write's RETURNING rows are relayed as PostgreSQL sends them, and flushed every
+    256 KiB once the decision is durable; the blast radius is checked at CommandComplete.
+    A failing portal withdrew only what was gathered before its first flush, so the rows of
+    a write it rolled back reached the client in full chunks, then the 42501."""
+    before = db.fetchval("SELECT count(*) FROM orders WHERE status = 'blast-returning'")
+    raw = Raw(pg, keys.token("wendy", ["dba"]), "wendy")
+    try:
+        if in_transaction:
+            raw.send(m.query("BEGIN READ WRITE"))
+            raw.until("Z")
+        raw.send(m.query("UPDATE orders SET status = 'blast-returning' WHERE id <= 1500 "
+                         "RETURNING id, repeat(status, 100) AS padding"))
+        out = raw.until("Z")
+        assert errors(out) == ["42501"], [k for k, _ in out][:5]
+        assert b"blast_radius_exceeded" in b"".join(p for k, p in out if k == "E")
+        assert "D" not in kinds(out), f"{kinds(out).count('D')} rows of a rolled back write"
+        if in_transaction:
+            raw.send(m.query("ROLLBACK"))
+            raw.until("Z")
+    finally:
+        raw.close()
+    assert db.fetchval("SELECT count(*) FROM orders WHERE status = 'blast-returning'") == before
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_write_suspended_by_a_row_limit_cannot_commit_past_the_blast_radius(
+    pg, keys, db, in_transaction
+):
+    """PostgreSQL runs a write with RETURNING to its end at its first Execute and hands its
+    rows out in chunks; the gateway checks the blast radius at CommandComplete. An Execute
+    with a row limit, then a Sync, ended the portal suspended: the check never ran, and the
+    1500 rows (limit 1000) were committed. Such an Execute of a write is refused now."""
+    before = db.fetchval("SELECT count(*) FROM orders WHERE status = 'blast-suspended'")
+    raw = Raw(pg, keys.token("wendy", ["dba"]), "wendy")
+    try:
+        if in_transaction:
+            raw.send(m.query("BEGIN READ WRITE"))
+            raw.until("Z")
+        raw.send(m.parse("", "UPDATE orders SET status = 'blast-suspended' WHERE id <= 1500 "
+                         "RETURNING id", ()),
+                 m.bind("", "", (), (), ()), m.execute("", 1), m.sync())
+        out = raw.until("Z")
+        assert errors(out) == ["42501"] and "D" not in kinds(out), kinds(out)
+        if in_transaction:
+            raw.send(m.query("COMMIT"))
+            raw.until("Z")
+    finally:
+        raw.close()
+    after = db.fetchval("SELECT count(*) FROM orders WHERE status = 'blast-suspended'")
+    assert after == before, f"{after - before} rows changed; the client saw {kinds(out)}"

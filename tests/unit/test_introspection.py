@@ -20,7 +20,9 @@ def test_every_relation_policy_lists_has_a_filtered_view():
     listed = json.loads(POLICY_DATA.read_text())["catalog"]["relations"]
     for name in listed:
         schema, relation = name.split(".")
-        assert schema == "information_schema" or relation in introspection.CATALOG_VIEWS, name
+        views = (introspection.INFORMATION_VIEWS if schema == "information_schema"
+                 else introspection.CATALOG_VIEWS)
+        assert relation in views, name
 
 
 def test_a_catalog_without_a_view_is_refused():
@@ -51,6 +53,44 @@ def test_a_catalog_without_a_view_is_refused():
 ])
 def test_rewrite_catalog(sql, expected):
     assert grammar.rewrite_catalog(sql, TARGET) == expected
+
+
+@pytest.mark.parametrize("sql, expected", [
+    # The functions that read the catalogs unfiltered, given an id, call the filtered ones.
+    ("SELECT pg_get_viewdef(c.oid), PG_CATALOG.format_type(t.oid, NULL) FROM pg_class c, "
+     "pg_type t",
+     f'SELECT "{TARGET}".pg_get_viewdef(c.oid), "{TARGET}".format_type(t.oid, NULL) '
+     f'FROM "{TARGET}".pg_class c, "{TARGET}".pg_type t'),
+    ('SELECT "obj_description"(16384, \'pg_class\'), d FROM pg_am, '
+     "LATERAL pg_catalog.pg_get_userbyid(10) d",
+     f'SELECT "{TARGET}"."obj_description"(16384, \'pg_class\'), d FROM "{TARGET}".pg_am, '
+     f'LATERAL "{TARGET}".pg_get_userbyid(10) d'),
+    # Others keep their names.
+    ("SELECT pg_catalog.pg_table_is_visible(oid), quote_ident(relname) FROM pg_class",
+     f'SELECT pg_catalog.pg_table_is_visible(oid), quote_ident(relname) FROM "{TARGET}".pg_class'),
+])
+def test_rewrite_catalog_functions(sql, expected):
+    assert grammar.rewrite_catalog(sql, TARGET, introspection.GUARDED_FUNCTIONS) == expected
+
+
+def test_rewrite_catalog_points_information_schema_at_its_filtered_views():
+    info = introspection.INFORMATION_SCHEMA
+    sql = ("SELECT information_schema.tables.table_name FROM information_schema.tables "
+           "JOIN pg_namespace n ON n.nspname = table_schema")
+    assert grammar.rewrite_catalog(sql, TARGET, frozenset(), info) == (
+        f'SELECT "{info}".tables.table_name FROM "{info}".tables '
+        f'JOIN "{TARGET}".pg_namespace n ON n.nspname = table_schema')
+
+
+def test_every_filtered_function_is_one_policy_lists():
+    listed = set(json.loads(POLICY_DATA.read_text())["functions"]["catalog"])
+    assert introspection.GUARDED_FUNCTIONS <= listed
+
+
+def test_a_unicode_escaped_function_name_is_refused():
+    with pytest.raises(Forbidden):
+        grammar.rewrite_catalog('SELECT U&"pg_get_viewdef"(1) FROM pg_class', TARGET,
+                                introspection.GUARDED_FUNCTIONS)
 
 
 @pytest.mark.parametrize("sql, numbers", [
