@@ -417,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a chain may start after seq 1 (an older part was deleted on purpose)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    console = sub.add_parser(
+        "console", help="the audit console and its index (docs/console.md; QUERYGATE_CONSOLE_*)"
+    )
+    console_sub = console.add_subparsers(dest="console_command", required=True)
+    ingest = console_sub.add_parser("ingest", help="fill the audit index only")
+    ingest.add_argument("--once", action="store_true",
+                        help="stop when the stream is indexed to its current end")
+
     db = sub.add_parser("db", help="prepare the database for the masking it enforces (docs/masking.md)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     init = db_sub.add_parser(
@@ -535,11 +543,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if verifier.ok else 1
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """`console`: the web console and its indexer; `console ingest`: the indexer alone."""
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    import asyncio
+
+    from app.console.app import run_ingest
+
+    asyncio.run(run_ingest(settings, once=args.once))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
-        "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db,
+        "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db, "console": cmd_console,
     }
     try:
         return handlers[args.command](args)

@@ -1,0 +1,266 @@
+"""The console's audit index on real PostgreSQL: exactly once across a SIGKILL, chain breaks,
+and nobody but the console can read it (issue 19, acceptance 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from app.audit import GENESIS, canonical, event_hash, verify_file
+from app.console import index
+from app.console.ingest import FileIngester
+from app.devstack import APP_ROLE, Postgres, admin_database_dsn, prepare_console_database
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+_numbers = itertools.count()
+
+
+def sealed(n: int, instance: str = "gw-test", chain: str | None = None,
+           subs: tuple[str, ...] = ("alice", "dana", "sam")) -> list[dict[str, Any]]:
+    """``n`` decision events sealed into one chain exactly as app/audit.py seals them."""
+    chain = chain or uuid.uuid4().hex
+    events, prev = [], GENESIS
+    for seq in range(1, n + 1):
+        sub = subs[seq % len(subs)]
+        event: dict[str, Any] = {
+            "schema": "querygate.audit/v1", "type": "decision", "id": str(uuid.uuid4()),
+            "time": f"2026-11-21T10:{(seq // 60) % 60:02d}:{seq % 60:02d}.000000+00:00",
+            "environment": "staging", "instance": instance, "chain": chain, "seq": seq,
+            "prev_hash": prev,
+            "request": {"id": str(uuid.uuid4()), "source_ip": "127.0.0.1", "method": "POST",
+                        "path": "/v1/query", "channel": "http"},
+            "identity": {"sub": sub, "issuer": "querygate-dev", "auth": "jwt",
+                         "groups": ["analysts"], "roles": [], "attributes": {},
+                         "on_behalf_of": None},
+            "decision": {"outcome": "allow", "by": "policy", "code": None, "explain": False,
+                         "id": str(uuid.uuid4()), "cached": False, "bundle_revision": None,
+                         "policy_allow": True,
+                         "reasons": [{"rule": "reader_group_select", "message": "readers"}],
+                         "masks": {"public.customers.email": "email"},
+                         "require_approval": None, "max_rows": None,
+                         "max_rows_affected": None, "db_role": None},
+            "query": {"sql": "SELECT id, email FROM customers WHERE id < $1",
+                      "fingerprint": "sha256:" + "1" * 64, "kind": "select",
+                      "tables": {"read": ["public.customers"], "write": []},
+                      "columns": {"read": ["public.customers.email", "public.customers.id"],
+                                  "write": []},
+                      "functions": [], "param_count": 1, "catalog_version": 1},
+            "durations_us": {"auth": 1, "facts": 2, "policy": 3},
+        }
+        event["hash"] = event_hash(event)
+        prev = event["hash"]
+        events.append(event)
+    return events
+
+
+def write_jsonl(path: Path, events: list[dict[str, Any]]) -> None:
+    path.write_bytes(b"".join(canonical(e) + b"\n" for e in events))
+
+
+@pytest.fixture
+def index_dsn(postgres: Postgres) -> Iterator[str]:
+    """A fresh index database, owned by the console's role, for one test."""
+    name = f"qg_index_{os.getpid()}_{next(_numbers)}"
+    yield prepare_console_database(postgres.admin_dsn, name)
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn, server_settings=index.SERVER_SETTINGS)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def count(dsn: str) -> int:
+    try:
+        return int(fetch(dsn, "SELECT count(*) FROM events")[0][0])
+    except asyncpg.UndefinedTableError:
+        return 0  # not migrated yet
+
+
+def _ingest_process(dsn: str, source: Path, batch: int) -> subprocess.Popen[bytes]:
+    """`querygate console ingest --once` in a process of its own; its output in <source>.log."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYGATE_")}
+    env.update({
+        "QUERYGATE_CONSOLE_DATABASE_URL": dsn,
+        "QUERYGATE_CONSOLE_AUDIT_FILE": str(source),
+        "QUERYGATE_CONSOLE_INGEST_BATCH": str(batch),
+        "QUERYGATE_LOG_LEVEL": "warning",
+    })
+    with source.with_suffix(".log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "console", "ingest", "--once"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def test_ten_thousand_events_exactly_once_across_a_sigkill(index_dsn, tmp_path):
+    events = sealed(10_000)
+    source = tmp_path / "audit.jsonl"
+    write_jsonl(source, events)
+
+    first = _ingest_process(index_dsn, source, batch=40)
+    deadline = time.monotonic() + 60
+    while count(index_dsn) < 1000:
+        assert first.poll() is None, source.with_suffix(".log").read_text()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert first.returncode == -signal.SIGKILL
+    midway = count(index_dsn)
+    assert 1000 <= midway < 10_000, "the kill must land mid-way"
+    # What the killed process committed is whole: its stored offset is right after its rows.
+    offset = fetch(index_dsn, "SELECT position FROM offsets")[0][0]
+    assert source.read_bytes()[:offset].count(b"\n") == midway
+
+    second = _ingest_process(index_dsn, source, batch=500)
+    assert second.wait(120) == 0, source.with_suffix(".log").read_text()[-2000:]
+
+    ids = [row["id"] for row in fetch(index_dsn, "SELECT body->>'id' AS id FROM events")]
+    assert len(ids) == 10_000 and set(ids) == {e["id"] for e in events}
+    seqs = [r[0] for r in fetch(index_dsn, "SELECT seq FROM events ORDER BY seq")]
+    assert seqs == list(range(1, 10_001))
+    assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 0
+    assert not fetch(index_dsn, "SELECT * FROM events WHERE verified <> 'ok'")
+    chain = fetch(index_dsn, "SELECT * FROM chains")[0]
+    assert (chain["last_seq"], chain["events"], chain["last_hash"]) == (
+        10_000, 10_000, events[-1]["hash"])
+    assert fetch(index_dsn, "SELECT position FROM offsets")[0][0] == source.stat().st_size
+
+    # Read again from the start (a lost offset, a resend): recognised, nothing added twice.
+    fetch(index_dsn, "DELETE FROM offsets")
+    again = _ingest_process(index_dsn, source, batch=1000)
+    assert again.wait(120) == 0
+    assert count(index_dsn) == 10_000
+    assert fetch(index_dsn, "SELECT duplicates FROM chains")[0][0] == 10_000
+    assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 0
+
+
+async def _ingest(dsn: str, source: Path, batch: int = 7) -> FileIngester:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2,
+                                     server_settings=index.SERVER_SETTINGS)
+    try:
+        async with pool.acquire() as conn:
+            await index.migrate(conn)
+        ingester = FileIngester(pool, source, batch, 0.05)
+        await ingester.run_once()
+        return ingester
+    finally:
+        await pool.close()
+
+
+def test_an_edited_event_a_relinked_edit_and_a_gap_show_as_breaks(index_dsn, tmp_path):
+    events = sealed(60, instance="gw-edit")
+    events[19]["identity"]["sub"] = "mallory"  # edited in place: its hash no longer fits
+    forged = events[29]
+    forged["query"]["sql"] = "SELECT 1"
+    forged["hash"] = event_hash(forged)  # hash recomputed: the next event's link breaks
+    del events[39]  # seq 40 removed
+    source = tmp_path / "audit.jsonl"
+    write_jsonl(source, events)
+
+    asyncio.run(_ingest(index_dsn, source))
+
+    breaks = {(r["kind"], r["seq"]) for r in fetch(
+        index_dsn, "SELECT kind, seq FROM breaks WHERE instance = 'gw-edit'")}
+    assert breaks == {("edited", 20), ("broken_link", 31)}
+    verified = dict(fetch(index_dsn, "SELECT seq, verified FROM events WHERE verified <> 'ok'"))
+    assert verified == {20: "edited", 31: "broken_link"}
+    # The same judgement as `querygate audit verify` of the same file.
+    report = verify_file(source).report()["chains"][0]
+    assert report["edited"] == [20] and report["broken_links"] == [31]
+    assert report["gaps"] == [(40, 40)]
+
+    from app.console import queries
+
+    async def health() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(index_dsn, server_settings=index.SERVER_SETTINGS)
+        try:
+            return await queries.chain_health(conn)
+        finally:
+            await conn.close()
+
+    (chain,) = asyncio.run(health())
+    assert chain["instance"] == "gw-edit"
+    assert chain["gaps"] == [(40, 40)]
+    assert chain["last_verified_seq"] == 19
+    assert {(b["kind"], b["seq"]) for b in chain["breaks"]} == breaks
+
+
+def test_a_torn_line_waits_and_a_malformed_line_is_a_break(index_dsn, tmp_path):
+    events = sealed(5, instance="gw-torn")
+    source = tmp_path / "audit.jsonl"
+    data = b"".join(canonical(e) + b"\n" for e in events[:3]) + b"not json\n"
+    source.write_bytes(data + canonical(events[3])[:40])  # the sink is mid-write
+
+    ingester = asyncio.run(_ingest(index_dsn, source))
+    assert count(index_dsn) == 3
+    assert ingester.status.offset == len(data)
+    assert [r["kind"] for r in fetch(index_dsn, "SELECT kind FROM breaks")] == ["malformed"]
+
+    source.write_bytes(data + canonical(events[3]) + b"\n" + canonical(events[4]) + b"\n")
+    asyncio.run(_ingest(index_dsn, source))
+    assert count(index_dsn) == 5
+    assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 1
+
+
+def test_no_caller_of_the_gateway_can_read_the_index(index_dsn, postgres):
+    name = index_dsn.split("@/", 1)[1].split("?", 1)[0]
+    fetch(index_dsn, "SELECT 1")  # the console's role can
+
+    async def connect_as(role: str) -> None:
+        dsn = admin_database_dsn(postgres.app_dsn.replace(f"{APP_ROLE}@", f"{role}@"), name)
+        conn = await asyncpg.connect(dsn)
+        await conn.close()
+
+    # The gateway's login role (whose masking profiles are its members) and any other role.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(connect_as(APP_ROLE))
+
+    async def other_role() -> None:
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            await admin.execute("DROP ROLE IF EXISTS qg_some_app; CREATE ROLE qg_some_app LOGIN")
+        finally:
+            await admin.close()
+
+    asyncio.run(other_role())
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(connect_as("qg_some_app"))
+
+
+def test_the_index_is_not_reachable_through_the_gateway(gateway, alice):
+    response = gateway.query("SELECT seq FROM querygate_audit.events", alice)
+    assert response.status_code in (403, 422), response.text
+    assert "seq" not in response.json().get("columns", [])
+    assert orjson.loads(response.content)["error"]["code"] in ("unknown_table", "unknown_object",
+                                                               "schema_not_allowed")
