@@ -54,6 +54,7 @@ class Filters:
     rule: str | None = None
     code: str | None = None
     type: str | None = None
+    approval: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
 
@@ -74,13 +75,14 @@ class Filters:
             identity=text("identity"), group=text("group"), channel=channel,
             table=_qualified(text("table")), column=_qualified(text("column")),
             decision=text("decision"), rule=text("rule"), code=text("code"), type=kind,
+            approval=text("approval"),
             since=parse_time(text("since"), "since"), until=parse_time(text("until"), "until"),
         )
 
     def query_string(self) -> dict[str, str]:
         out = {}
         for name in ("identity", "group", "channel", "table", "column", "decision", "rule",
-                     "code", "type"):
+                     "code", "type", "approval"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -140,6 +142,7 @@ _FILTER_CLAUSES = (
     ("rule", "rules @> ARRAY[$?]::text[]"),
     ("code", "code = $?"),
     ("type", "type = $?"),
+    ("approval", "approval_id = $?"),
     ("since", "time >= $?"),
     ("until", "time < $?"),
 )
