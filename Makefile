@@ -183,8 +183,19 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk browser lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
+
+# Debian's chromium and chromedriver for the console's browser tests (tests/browser): passed
+# by path, so Selenium never downloads a browser or a driver.
+.PHONY: browser
+browser: ## install Debian's chromium and chromium-driver (headless browser tests) when missing
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+	  echo "browser: installing Debian's chromium and chromium-driver"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }; }
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { echo "browser: could not be installed (apt-get install chromium chromium-driver)"; exit 1; }
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
 .PHONY: wrk

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -89,6 +90,17 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout_s: float) -> None
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def interrupt_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Ctrl-C to a process group started with ``start_new_session`` (as a terminal would send
+    it to `make run`), then SIGKILL and raise if it has not ended within ``timeout_s``."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
 
 
 @dataclass

@@ -191,7 +191,9 @@ def security_headers(app: FastAPI) -> None:
         response = await call_next(request)
         response.headers["content-security-policy"] = CSP
         response.headers["x-content-type-options"] = "nosniff"
-        response.headers["referrer-policy"] = "no-referrer"
+        # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on a
+        # form post, and the CSRF check compares the Origin with the console's own.
+        response.headers["referrer-policy"] = "same-origin"
         response.headers["x-frame-options"] = "DENY"
         if not request.url.path.startswith("/static/"):
             response.headers["cache-control"] = "no-store"
