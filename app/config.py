@@ -62,6 +62,9 @@ OTHER_VARIABLES: dict[str, str] = {
     "QUERYGATE_KAFKA_LIBS": "the Kafka jars of the test broker (app/devstack.py)",
     "QUERYGATE_KUSTOMIZE_BIN": "the kustomize binary of tests/deploy (Makefile)",
     "QUERYGATE_DB_ADMIN_URL": "a DBA's DSN for `querygate db init` (app/cli.py)",
+    "QUERYGATE_CHROMIUM": "the browser of the console's browser tests (tests/browser)",
+    "QUERYGATE_CHROMEDRIVER": "its driver (tests/browser)",
+    "QUERYGATE_CONSOLE_SCREENSHOTS": "where the browser tests save their screenshots",
     # What an application next to a sidecar reads (deploy/k8s/base/deployment.yaml).
     "QUERYGATE_URL": "where the application reaches the gateway",
     "QUERYGATE_TOKEN_FILE": "the application's projected service-account token",

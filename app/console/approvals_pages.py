@@ -19,19 +19,16 @@ from app.audit import redact_sql
 from app.console import queries
 from app.console.auth import check_csrf
 from app.console.signin import form_of
-from app.console.web import Reader, reader, render
-from app.errors import BadRequest, GatewayError, Unprocessable
+from app.console.web import Reader, error_page, reader, render
+from app.errors import BadRequest, Unprocessable
 
 router = APIRouter()
 
 
-class GatewaySaid(GatewayError):
-    """The gateway's refusal, shown with its own status and code."""
-
-    def __init__(self, status: int, error: dict[str, Any]) -> None:
-        super().__init__(str(error.get("code", "gateway_error")),
-                         str(error.get("message", "the gateway refused")))
-        self.status = status  # type: ignore[misc]  # an instance's own status
+def gateway_said(request: Request, status: int, error: dict[str, Any]) -> Response:
+    """The gateway's refusal, shown with its own status and code (docs/errors.md)."""
+    return error_page(request, status, str(error.get("code", "gateway_error")),
+                      str(error.get("message", "the gateway refused")))
 
 
 def _approval_id(value: str) -> str:
@@ -89,7 +86,7 @@ async def approval_page(request: Request, approval_id: str) -> Response:
     approval_id = _approval_id(approval_id)
     answer = await who.console.api.get(who.user, approval_id)
     if answer.error is not None:
-        raise GatewaySaid(answer.status, answer.error)
+        return gateway_said(request, answer.status, answer.error)
     approval = _shown(answer.body.get("approval") or {})
     facts = await _facts(who, [approval])
     async with who.console.pool.acquire() as conn:
@@ -112,7 +109,7 @@ async def _decide(request: Request, approval_id: str,
         raise Unprocessable("invalid_request", "the comment is longer than 2000 characters")
     answer = await who.console.api.decide(who.user, approval_id, verdict, comment)
     if answer.error is not None:
-        raise GatewaySaid(answer.status, answer.error)
+        return gateway_said(request, answer.status, answer.error)
     status = (answer.body.get("approval") or {}).get("status", "")
     return RedirectResponse(f"/approvals/{approval_id}?decided={status}", status_code=303)
 
