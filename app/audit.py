@@ -779,6 +779,23 @@ class StdoutSink:
         return None
 
 
+def kafka_security(s: Settings) -> dict[str, Any]:
+    """aiokafka's connection security from QUERYGATE_AUDIT_KAFKA_* (the producer's and the
+    console's consumer's alike)."""
+    config: dict[str, Any] = {"security_protocol": s.audit_kafka_security_protocol}
+    if s.audit_kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        cafile = str(s.audit_kafka_ssl_cafile) if s.audit_kafka_ssl_cafile else None
+        config["ssl_context"] = create_ssl_context(cafile=cafile)
+    if s.audit_kafka_sasl_mechanism is not None:
+        assert s.audit_kafka_sasl_password is not None
+        config["sasl_mechanism"] = s.audit_kafka_sasl_mechanism
+        config["sasl_plain_username"] = s.audit_kafka_sasl_username
+        config["sasl_plain_password"] = s.audit_kafka_sasl_password.get_secret_value()
+    return config
+
+
 class KafkaSink:
     """An idempotent aiokafka producer (acks=all) keyed by instance id, so one instance's
     events land in one partition in the order they were sent."""
@@ -809,18 +826,8 @@ class KafkaSink:
             "max_request_size": 1024 * 1024,
             "request_timeout_ms": s.audit_kafka_timeout_ms,
             "retry_backoff_ms": 100,
-            "security_protocol": s.audit_kafka_security_protocol,
+            **kafka_security(s),
         }
-        if s.audit_kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            cafile = str(s.audit_kafka_ssl_cafile) if s.audit_kafka_ssl_cafile else None
-            config["ssl_context"] = create_ssl_context(cafile=cafile)
-        if s.audit_kafka_sasl_mechanism is not None:
-            assert s.audit_kafka_sasl_password is not None
-            config["sasl_mechanism"] = s.audit_kafka_sasl_mechanism
-            config["sasl_plain_username"] = s.audit_kafka_sasl_username
-            config["sasl_plain_password"] = s.audit_kafka_sasl_password.get_secret_value()
         return config
 
     async def _connect(self) -> Any:

@@ -153,12 +153,28 @@ class KafkaIngester:
             await consumer.stop()
 
     async def run(self, once: bool = False) -> None:
-        """Follow the topic (``once``: until every partition's end as it was at start)."""
+        """Follow the topic (``once``: until every partition's end as it was at start). When
+        following, an error is reported and the consumer started again from the stored
+        offsets; never fatal."""
+        if once:
+            await self._consume(once=True)
+            return
+        while True:
+            try:
+                await self._consume(once=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # aiokafka's errors have no common base worth naming
+                self.status.error = f"{type(exc).__name__}: {exc}"
+                self.status.caught_up = False
+                log.error("audit index ingestion failed: %s", self.status.error)
+                await asyncio.sleep(max(self.poll_s, 1.0))
+
+    async def _consume(self, once: bool) -> None:
         from aiokafka import TopicPartition
 
+        partitions = await self._partitions()
         async with self._consumer() as consumer:
-            await consumer.topics()  # fetches the cluster's metadata
-            partitions = sorted(consumer.partitions_for_topic(self.topic) or ())
             tps = [TopicPartition(self.topic, p) for p in partitions]
             consumer.assign(tps)
             async with self.pool.acquire() as conn:
@@ -180,6 +196,8 @@ class KafkaIngester:
                     self.status.inserted += result.inserted
                     self.status.duplicates += result.duplicates
                     self.status.breaks += len(result.breaks)
+                    self.status.offset = records[-1].offset + 1
+                self.status.error = None
                 if once:
                     positions = [await consumer.position(tp) for tp in tps]
                     if all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
@@ -187,6 +205,20 @@ class KafkaIngester:
                         return
                 if not batch:
                     self.status.caught_up = True
+
+    async def _partitions(self) -> list[int]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.config)
+        try:
+            await admin.start()
+            described = await admin.describe_topics([self.topic])
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if not described or described[0].get("error_code", 0) != 0:
+            raise RuntimeError(f"topic {self.topic!r} does not exist")
+        return sorted(p["partition"] for p in described[0].get("partitions", []))
 
     def _source(self, partition: int) -> str:
         return f"{self.status.source}:{partition}"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import asyncpg
 
+from app.audit import kafka_security
 from app.config import ConfigError, Settings
 from app.console import index
 from app.console.ingest import FileIngester, KafkaIngester
@@ -50,5 +51,5 @@ def make_ingester(settings: Settings, pool: asyncpg.Pool) -> FileIngester | Kafk
             raise ConfigError("QUERYGATE_AUDIT_KAFKA_BOOTSTRAP is required with "
                               "QUERYGATE_CONSOLE_SOURCE=kafka")
         return KafkaIngester(pool, settings.audit_kafka_bootstrap, settings.audit_kafka_topic,
-                             settings.console_ingest_batch, poll_s)
+                             settings.console_ingest_batch, poll_s, **kafka_security(settings))
     return FileIngester(pool, audit_file(settings), settings.console_ingest_batch, poll_s)

@@ -264,3 +264,55 @@ def test_the_index_is_not_reachable_through_the_gateway(gateway, alice):
     assert "seq" not in response.json().get("columns", [])
     assert orjson.loads(response.content)["error"]["code"] in ("unknown_table", "unknown_object",
                                                                "schema_not_allowed")
+
+
+def test_kafka_topic_ingestion_resumes_from_the_stored_offsets(index_dsn, kafka):
+    """The console's Kafka source: each partition from its stored offset; a resend of events
+    already indexed (a producer retry) is recognised, not added."""
+    from aiokafka import AIOKafkaProducer
+
+    from app.console.ingest import KafkaIngester
+
+    topic = f"console-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, partitions=2)
+    first, second = sealed(600, instance="gw-a"), sealed(400, instance="gw-b")
+
+    async def produce(events: list[dict[str, Any]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all",
+                                    enable_idempotence=True)
+        await producer.start()
+        try:
+            for event in events:
+                await producer.send(topic, canonical(event), key=event["instance"].encode(),
+                                    partition=0 if event["instance"] == "gw-a" else 1)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def ingest() -> KafkaIngester:
+        pool = await asyncpg.create_pool(index_dsn, min_size=1, max_size=2,
+                                         server_settings=index.SERVER_SETTINGS)
+        try:
+            async with pool.acquire() as conn:
+                await index.migrate(conn)
+            ingester = KafkaIngester(pool, kafka.bootstrap, topic, 128, 0.2)
+            await asyncio.wait_for(ingester.run(once=True), 60)
+            return ingester
+        finally:
+            await pool.close()
+
+    asyncio.run(produce(first[:400] + second[:250]))
+    asyncio.run(ingest())
+    assert count(index_dsn) == 650
+    offsets = dict(fetch(index_dsn, "SELECT source, position FROM offsets"))
+    assert offsets == {f"kafka:{topic}:0": 400, f"kafka:{topic}:1": 250}
+
+    # More events, and 50 of the indexed ones sent again.
+    asyncio.run(produce(first[350:] + second[250:]))
+    ingester = asyncio.run(ingest())
+    assert ingester.status.inserted == 350 and ingester.status.duplicates == 50
+    assert count(index_dsn) == 1000
+    assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 0
+    chains = {r["instance"]: (r["last_seq"], r["events"]) for r in fetch(
+        index_dsn, "SELECT instance, last_seq, events FROM chains")}
+    assert chains == {"gw-a": (600, 600), "gw-b": (400, 400)}
