@@ -211,10 +211,13 @@ wrk: ## install the wrk load generator from Debian's packages when it is missing
 BENCH_ARGS ?=
 # PGWIRE_BENCH_ARGS, e.g. "--clients 8 --duration 10 --rounds 2" (bench/pgwire_bench.py).
 PGWIRE_BENCH_ARGS ?=
+# CONSOLE_BENCH_ARGS, e.g. "--events 20000 --requests 50" (bench/console_bench.py).
+CONSOLE_BENCH_ARGS ?=
 .PHONY: bench
-bench: venv $(OPA) wrk pgbouncer ## direct vs passthrough vs querygate under load, 1M-row stream, the wire protocol vs PgBouncer
+bench: venv $(OPA) wrk pgbouncer ## direct vs passthrough vs querygate under load, 1M-row stream, the wire protocol vs PgBouncer, the console's pages over 100k events
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.load_bench $(BENCH_ARGS)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.pgwire_bench $(PGWIRE_BENCH_ARGS)
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.console_bench $(CONSOLE_BENCH_ARGS)
 
 .PHONY: pgbouncer
 pgbouncer: ## install Debian's PgBouncer (the wire-protocol benchmark's comparison) when missing

@@ -43,6 +43,7 @@ MIGRATIONS: tuple[str, ...] = (
         sub             text,
         issuer          text,
         obo_sub         text,
+        obo_issuer      text,
         groups          text[] NOT NULL DEFAULT '{{}}',
         channel         text,
         request_id      text,
@@ -58,6 +59,8 @@ MIGRATIONS: tuple[str, ...] = (
         masks           text[] NOT NULL DEFAULT '{{}}',
         decision_id     text,
         approval_id     text,
+        requester_sub   text,
+        explain         boolean NOT NULL DEFAULT false,
         sql             text,
         verified        text NOT NULL,
         body            jsonb NOT NULL,
@@ -68,6 +71,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_time ON {SCHEMA}.events (time DESC, instance DESC, chain DESC, seq DESC);
     CREATE INDEX events_sub_time ON {SCHEMA}.events (sub, time DESC);
     CREATE INDEX events_obo_time ON {SCHEMA}.events (obo_sub, time DESC) WHERE obo_sub IS NOT NULL;
+    CREATE INDEX events_request ON {SCHEMA}.events (request_id) WHERE request_id IS NOT NULL;
+    CREATE INDEX events_requester ON {SCHEMA}.events (requester_sub, time DESC)
+        WHERE requester_sub IS NOT NULL;
     CREATE INDEX events_decision ON {SCHEMA}.events (decision_id) WHERE decision_id IS NOT NULL;
     CREATE INDEX events_approval ON {SCHEMA}.events (approval_id) WHERE approval_id IS NOT NULL;
     CREATE INDEX events_tables ON {SCHEMA}.events USING gin (tables);
@@ -79,6 +85,9 @@ MIGRATIONS: tuple[str, ...] = (
         chain       text NOT NULL,
         last_seq    bigint NOT NULL,
         last_hash   text NOT NULL,
+        -- Every seq from 1 to here is held, unedited and linked: kept up to date by each
+        -- batch, lowered by a break found later (a conflict at a held seq).
+        verified_seq bigint NOT NULL DEFAULT 0,
         events      bigint NOT NULL,
         duplicates  bigint NOT NULL DEFAULT 0,
         first_time  timestamptz,
@@ -97,6 +106,20 @@ MIGRATIONS: tuple[str, ...] = (
         source_offset bigint NOT NULL,
         seen_at       timestamptz NOT NULL DEFAULT now(),
         UNIQUE (source, source_offset, kind)
+    );
+    CREATE INDEX breaks_seq ON {SCHEMA}.breaks (instance, chain, seq);
+    -- "What did X touch", per identity (as caller and as the person an agent acted for) and
+    -- UTC day: allowed statements per table/column read or written and masked column, and
+    -- denials per rule. Filled in the transaction that indexes the events.
+    CREATE TABLE {SCHEMA}.touch_daily (
+        who         text NOT NULL,
+        issuer      text NOT NULL,
+        day         date NOT NULL,
+        section     text NOT NULL,
+        name        text NOT NULL,
+        n           bigint NOT NULL,
+        last        timestamptz NOT NULL,
+        PRIMARY KEY (who, day, section, name, issuer)
     );
     CREATE TABLE {SCHEMA}.offsets (
         source      text PRIMARY KEY,
@@ -182,6 +205,7 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
         "sub": _str(identity.get("sub")),
         "issuer": _str(identity.get("issuer")),
         "obo_sub": _str(obo.get("sub")),
+        "obo_issuer": _str(obo.get("issuer")),
         "groups": _strings(identity.get("groups")),
         "channel": _str(request.get("channel")),
         "request_id": _str(request.get("id")),
@@ -198,6 +222,8 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
         "masks": sorted(k for k in _dict(decision.get("masks")) if isinstance(k, str)),
         "decision_id": _str(decision.get("id")) or _str(approval.get("decision_id")),
         "approval_id": approval_id,
+        "requester_sub": _str(_dict(approval.get("requester")).get("sub")),
+        "explain": decision.get("explain") is True,
         "sql": _str(query.get("sql")),
     }
 
@@ -209,6 +235,7 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
 class _Chain:
     last_seq: int
     last_hash: str
+    verified_seq: int = 0
     events: int = 0
     duplicates: int = 0
     first_time: dt.datetime | None = None
@@ -227,10 +254,12 @@ class BatchResult:
 
 _EVENT_COLUMNS = (
     "instance", "chain", "seq", "hash", "prev_hash", "time", "type", "sub", "issuer", "obo_sub",
-    "groups", "channel", "request_id", "outcome", "code", "rules", "tables", "tables_read",
-    "tables_written", "columns_read", "columns_written", "columns", "masks", "decision_id",
-    "approval_id", "sql", "verified", "body", "source", "source_offset",
+    "obo_issuer", "groups", "channel", "request_id", "outcome", "code", "rules", "tables",
+    "tables_read", "tables_written", "columns_read", "columns_written", "columns", "masks",
+    "decision_id", "approval_id", "requester_sub", "explain", "sql", "verified", "body",
+    "source", "source_offset",
 )
+_FIELDS = _EVENT_COLUMNS[5:_EVENT_COLUMNS.index("verified")]
 _INSERT = (
     f"INSERT INTO {SCHEMA}.events ({', '.join(_EVENT_COLUMNS)}) VALUES "
     f"({', '.join(f'${i}' for i in range(1, len(_EVENT_COLUMNS) + 1))}) "
@@ -275,8 +304,8 @@ async def ingest_batch(
             )
             if row is not None:
                 chains[(instance, chain)] = _Chain(
-                    row["last_seq"], row["last_hash"], row["events"], row["duplicates"],
-                    row["first_time"], row["last_time"],
+                    row["last_seq"], row["last_hash"], row["verified_seq"], row["events"],
+                    row["duplicates"], row["first_time"], row["last_time"],
                 )
             seqs = [e["seq"] for _, _, e in parsed
                     if e is not None and (e["instance"], e["chain"]) == (instance, chain)]
@@ -308,6 +337,10 @@ async def ingest_batch(
                 else:
                     breaks.append((*key, seq, "conflict",
                                    "another event with this seq is already held", source, offset))
+                    state = chains.get(key)
+                    if state is not None and state.verified_seq >= seq:
+                        state.verified_seq = seq - 1
+                        state.dirty = True
                 continue
             state = chains.get(key)
             verified = "ok"
@@ -341,11 +374,12 @@ async def ingest_batch(
             held[(*key, seq)] = stored
             rows.append((
                 *key, seq, stored, event["prev_hash"],
-                *(fields[c] for c in _EVENT_COLUMNS[5:26]),
+                *(fields[c] for c in _FIELDS),
                 verified, raw.decode("utf-8", "replace").strip(), source, offset,
             ))
         if rows:
             await conn.executemany(_INSERT, rows)
+            await _roll_up(conn, rows)
         result.inserted = len(rows)
         if breaks:
             await conn.executemany(
@@ -358,15 +392,17 @@ async def ingest_batch(
         for (instance, chain), state in chains.items():
             if not state.dirty:
                 continue
+            state.verified_seq = await _verified_through(conn, instance, chain, state.verified_seq)
             await conn.execute(
-                f"INSERT INTO {SCHEMA}.chains (instance, chain, last_seq, last_hash, events, "
-                "duplicates, first_time, last_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                f"INSERT INTO {SCHEMA}.chains (instance, chain, last_seq, last_hash, "
+                "verified_seq, events, duplicates, first_time, last_time) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
                 "ON CONFLICT (instance, chain) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
-                "last_hash = EXCLUDED.last_hash, events = EXCLUDED.events, "
-                "duplicates = EXCLUDED.duplicates, first_time = EXCLUDED.first_time, "
-                "last_time = EXCLUDED.last_time",
-                instance, chain, state.last_seq, state.last_hash, state.events,
-                state.duplicates, state.first_time, state.last_time,
+                "last_hash = EXCLUDED.last_hash, verified_seq = EXCLUDED.verified_seq, "
+                "events = EXCLUDED.events, duplicates = EXCLUDED.duplicates, "
+                "first_time = EXCLUDED.first_time, last_time = EXCLUDED.last_time",
+                instance, chain, state.last_seq, state.last_hash, state.verified_seq,
+                state.events, state.duplicates, state.first_time, state.last_time,
             )
         await conn.execute(
             f"INSERT INTO {SCHEMA}.offsets (source, position, updated_at) VALUES ($1, $2, now()) "
@@ -374,6 +410,76 @@ async def ingest_batch(
             source, next_offset,
         )
     return result
+
+
+TOUCH_SECTIONS = ("tables_read", "tables_written", "columns_read", "columns_written",
+                  "masked_columns", "denials_by_rule")
+_COLUMN = {name: i for i, name in enumerate(_EVENT_COLUMNS)}
+
+
+def touch_items(row: dict[str, Any] | asyncpg.Record) -> list[tuple[str, str]]:
+    """The (section, name) pairs one indexed event adds to "what did X touch"."""
+    if row["type"] != "decision" or row["explain"]:
+        return []
+    if row["outcome"] == "allow":
+        return [(section, name) for section, column in (
+            ("tables_read", "tables_read"), ("tables_written", "tables_written"),
+            ("columns_read", "columns_read"), ("columns_written", "columns_written"),
+            ("masked_columns", "masks")) for name in row[column]]
+    if row["outcome"] == "deny":
+        return [("denials_by_rule", rule) for rule in (row["rules"] or [row["code"] or "denied"])]
+    return []
+
+
+async def _roll_up(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Add newly indexed events to touch_daily (duplicates never reach here)."""
+    totals: dict[tuple[str, str, dt.date, str, str], list[Any]] = {}
+    for values in rows:
+        row = {name: values[i] for name, i in _COLUMN.items()}
+        items = touch_items(row)
+        if not items:
+            continue
+        whos = {(row["sub"], row["issuer"]), (row["obo_sub"], row["obo_issuer"])}
+        day = row["time"].astimezone(dt.UTC).date()
+        for who, issuer in whos:
+            if who is None or issuer is None:
+                continue
+            for section, name in items:
+                entry = totals.setdefault((who, issuer, day, section, name), [0, row["time"]])
+                entry[0] += 1
+                entry[1] = max(entry[1], row["time"])
+    if totals:
+        await conn.executemany(
+            f"INSERT INTO {SCHEMA}.touch_daily (who, issuer, day, section, name, n, last) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (who, day, section, name, issuer) "
+            f"DO UPDATE SET n = {SCHEMA}.touch_daily.n + EXCLUDED.n, "
+            f"last = greatest({SCHEMA}.touch_daily.last, EXCLUDED.last)",
+            [(*key, n, last) for key, (n, last) in totals.items()],
+        )
+
+
+# The breaks that stop a chain being verified past them (a malformed line has no seq).
+BREAKING = ("edited", "broken_link", "conflict", "reordered")
+
+
+async def _verified_through(conn: asyncpg.Connection, instance: str, chain: str,
+                            verified: int) -> int:
+    """Move the verified seq forward over held, unbroken events that follow it."""
+    while True:
+        rows = await conn.fetch(
+            f"SELECT e.seq, e.verified = 'ok' AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.breaks b "
+            "WHERE b.instance = e.instance AND b.chain = e.chain AND b.seq = e.seq "
+            "AND b.kind = ANY($4::text[])) AS good "
+            f"FROM {SCHEMA}.events e WHERE e.instance = $1 AND e.chain = $2 AND e.seq > $3 "
+            "ORDER BY e.seq LIMIT 1000",
+            instance, chain, verified, list(BREAKING),
+        )
+        for row in rows:
+            if row["seq"] != verified + 1 or not row["good"]:
+                return verified
+            verified = row["seq"]
+        if len(rows) < 1000:
+            return verified
 
 
 async def stored_offset(conn: asyncpg.Connection, source: str) -> int:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import asyncpg
 import orjson
 
+from app.console.index import BREAKING as _BREAKING
+from app.console.index import TOUCH_SECTIONS, touch_items
 from app.errors import BadRequest
 
 PAGE_SIZE = 50
@@ -37,8 +39,7 @@ class Scope:
             return "TRUE"
         args.extend([self.sub, self.issuer])
         a, b = len(args) - 1, len(args)
-        return (f"((sub = ${a} AND issuer = ${b}) OR (obo_sub = ${a} AND "
-                f"body->'identity'->'on_behalf_of'->>'issuer' = ${b}))")
+        return f"((sub = ${a} AND issuer = ${b}) OR (obo_sub = ${a} AND obo_issuer = ${b}))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +227,10 @@ async def event_detail(conn: asyncpg.Connection, scope: Scope, instance: str, ch
             f"AND chain = $3 AND seq = $4) AND {scope.where(rargs)} ORDER BY time LIMIT 20",
             *rargs,
         )
-    health = await chain_health(conn, instance=instance, chain=chain)
     return Detail(
         event=orjson.loads(row["body"]), row=row, breaks=breaks, chain=state,
         previous=neighbours["prev"], next=neighbours["next"], related=related,
-        chain_verified_through=health[0]["last_verified_seq"] if health else None,
+        chain_verified_through=state["verified_seq"] if state else None,
     )
 
 
@@ -244,53 +244,110 @@ async def decisions_by_id(conn: asyncpg.Connection, ids: list[str]) -> dict[str,
     return {r["decision_id"]: orjson.loads(r["body"]) for r in rows}
 
 
+def _full_days(since: dt.datetime | None,
+               until: dt.datetime | None) -> tuple[dt.date | None, dt.date | None]:
+    """The whole UTC days inside [since, until): [first, last) (None: unbounded)."""
+    first = last = None
+    if since is not None:
+        start = since.astimezone(dt.UTC)
+        first = start.date() if start.time() == dt.time(0) else start.date() + dt.timedelta(1)
+    if until is not None:
+        last = until.astimezone(dt.UTC).date()
+    return first, last
+
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(0), dt.UTC)
+
+
+def _whose(scope: Scope, who: str, match: str, since: dt.datetime | None,
+           until: dt.datetime | None) -> tuple[list[Any], list[str]]:
+    """The parameters and conditions for ``who``'s events ($1) in scope and period."""
+    args: list[Any] = [who]
+    where = [match, scope.where(args)]
+    for bound, op in ((since, ">="), (until, "<")):
+        if bound is not None:
+            args.append(bound)
+            where.append(f"time {op} ${len(args)}")
+    return args, where
+
+
+async def _touched_events(conn: asyncpg.Connection, scope: Scope, who: str,
+                          since: dt.datetime | None, until: dt.datetime | None,
+                          into: dict[str, dict[str, list[Any]]]) -> None:
+    """The events themselves, for a period shorter than a day at either end of the range."""
+    args, where = _whose(scope, who, "(sub = $1 OR obo_sub = $1)", since, until)
+    where += ["type = 'decision'", "outcome IN ('allow', 'deny')", "NOT explain"]
+    rows = await conn.fetch(
+        "SELECT type, explain, outcome, code, rules, tables_read, tables_written, columns_read, "
+        f"columns_written, masks, time FROM events WHERE {' AND '.join(where)} LIMIT 200000",
+        *args,
+    )
+    for row in rows:
+        for section, name in touch_items(row):
+            _add(into, section, name, 1, row["time"])
+
+
+def _add(into: dict[str, dict[str, list[Any]]], section: str, name: str, n: int,
+         last: dt.datetime) -> None:
+    entry = into[section].setdefault(name, [0, last])
+    entry[0] += n
+    entry[1] = max(entry[1], last)
+
+
 async def touched(conn: asyncpg.Connection, scope: Scope, who: str,
                   since: dt.datetime | None, until: dt.datetime | None) -> dict[str, Any]:
-    """What ``who`` (as caller or as the person an agent acted for) touched in [since, until)."""
-    args: list[Any] = [who]
-    where = ["(sub = $1 OR obo_sub = $1)", scope.where(args)]
-    if since is not None:
-        args.append(since)
-        where.append(f"time >= ${len(args)}")
-    if until is not None:
-        args.append(until)
-        where.append(f"time < ${len(args)}")
-    base = " AND ".join(where)
-    allowed = (f"{base} AND type = 'decision' AND outcome = 'allow' "
-               "AND coalesce(body->'decision'->>'explain', 'false') <> 'true'")
+    """What ``who`` (as caller or as the person an agent acted for) touched in [since, until).
 
-    async def counts(array: str, condition: str) -> list[dict[str, Any]]:
-        rows = await conn.fetch(
-            f"SELECT name, count(*) AS n, max(time) AS last FROM events, unnest({array}) AS name "
-            f"WHERE {condition} GROUP BY name ORDER BY name LIMIT 1000", *args,
-        )
-        return [{"name": r["name"], "count": r["n"], "last": r["last"].isoformat()} for r in rows]
-
-    denials = await conn.fetch(
-        "SELECT name, count(*) AS n, max(time) AS last FROM events, unnest(CASE WHEN rules = "
-        "'{}' THEN ARRAY[coalesce(code, 'denied')] ELSE rules END) AS name "
-        f"WHERE {base} AND type = 'decision' AND outcome = 'deny' GROUP BY name ORDER BY n DESC, "
-        "name LIMIT 1000", *args,
-    )
-    approvals_where = " AND ".join([
-        "(sub = $1 OR obo_sub = $1 OR body->'approval'->'requester'->>'sub' = $1)", *where[1:]
-    ])
+    Whole UTC days come from the daily roll-up the ingester keeps (index.touch_daily); the
+    part of a day at either end of the range, from the events."""
+    totals: dict[str, dict[str, list[Any]]] = {section: {} for section in TOUCH_SECTIONS}
+    own_only = scope.kind == "own"
+    if not own_only or who == scope.sub:
+        first, last = _full_days(since, until)
+        if first is not None and last is not None and first >= last:
+            await _touched_events(conn, scope, who, since, until, totals)
+        else:
+            args: list[Any] = [who]
+            where = ["who = $1"]
+            if own_only:
+                args.append(scope.issuer)
+                where.append(f"issuer = ${len(args)}")
+            for day, op in ((first, ">="), (last, "<")):
+                if day is not None:
+                    args.append(day)
+                    where.append(f"day {op} ${len(args)}")
+            for row in await conn.fetch(
+                "SELECT section, name, sum(n) AS n, max(last) AS last FROM touch_daily "
+                f"WHERE {' AND '.join(where)} GROUP BY section, name", *args,
+            ):
+                _add(totals, row["section"], row["name"], int(row["n"]), row["last"])
+            if since is not None and first is not None and since < _midnight(first):
+                await _touched_events(conn, scope, who, since, _midnight(first), totals)
+            if until is not None and last is not None and _midnight(last) < until:
+                await _touched_events(conn, scope, who, _midnight(last), until, totals)
+    sections = {
+        section: [{"name": name, "count": n, "last": when.isoformat()}
+                  for name, (n, when) in sorted(totals[section].items())]
+        for section in TOUCH_SECTIONS
+    }
+    sections["denials_by_rule"] = [
+        {"rule": d["name"], "count": d["count"], "last": d["last"]}
+        for d in sorted(sections["denials_by_rule"], key=lambda d: (-d["count"], d["name"]))
+    ]
+    args, where = _whose(scope, who, "(sub = $1 OR obo_sub = $1 OR requester_sub = $1)",
+                         since, until)
+    where.append("type = 'approval'")
     approvals = await conn.fetch(
         "SELECT approval_id, outcome, time, tables, body->'approval'->>'reason' AS reason, "
-        f"instance, chain, seq FROM events WHERE {approvals_where} AND type = 'approval' "
+        f"instance, chain, seq FROM events WHERE {' AND '.join(where)} "
         "ORDER BY time LIMIT 1000", *args,
     )
     return {
         "identity": who,
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
-        "tables_read": await counts("tables_read", allowed),
-        "tables_written": await counts("tables_written", allowed),
-        "columns_read": await counts("columns_read", allowed),
-        "columns_written": await counts("columns_written", allowed),
-        "masked_columns": await counts("masks", allowed),
-        "denials_by_rule": [{"rule": r["name"], "count": r["n"], "last": r["last"].isoformat()}
-                            for r in denials],
+        **sections,
         "approvals": [{"approval_id": r["approval_id"], "step": r["outcome"],
                        "time": r["time"].isoformat(), "tables": list(r["tables"]),
                        "reason": r["reason"],
@@ -298,25 +355,27 @@ async def touched(conn: asyncpg.Connection, scope: Scope, who: str,
     }
 
 
-_BREAKING = ("edited", "broken_link", "conflict", "reordered")
 
 
 async def chain_health(conn: asyncpg.Connection, instance: str | None = None,
                        chain: str | None = None) -> list[dict[str, Any]]:
     """Per chain: events, the last seq verified (complete and unbroken from 1), gaps, breaks."""
     args: list[Any] = []
-    where = "TRUE"
+    where = of_e = "TRUE"
     if instance is not None and chain is not None:
         args = [instance, chain]
         where = "instance = $1 AND chain = $2"
+        of_e = "e.instance = $1 AND e.chain = $2"
     chains = await conn.fetch(
         f"SELECT * FROM chains WHERE {where} ORDER BY instance, last_time DESC", *args
     )
+    # Every seq up to a chain's verified seq is held, so gaps are looked for above it only.
     gaps = await conn.fetch(
-        "SELECT instance, chain, prev + 1 AS first, seq - 1 AS last FROM (SELECT instance, chain, "
-        "seq, lag(seq, 1, 0::bigint) OVER (PARTITION BY instance, chain ORDER BY seq) AS prev "
-        f"FROM events WHERE {where}) s WHERE seq > prev + 1 ORDER BY instance, chain, first "
-        "LIMIT 10000", *args,
+        "SELECT instance, chain, prev + 1 AS first, seq - 1 AS last FROM (SELECT e.instance, "
+        "e.chain, e.seq, lag(e.seq, 1, greatest(c.verified_seq - 1, 0)) OVER (PARTITION BY "
+        "e.instance, e.chain ORDER BY e.seq) AS prev FROM events e JOIN chains c "
+        f"USING (instance, chain) WHERE e.seq >= c.verified_seq AND {of_e}) s "
+        "WHERE seq > prev + 1 ORDER BY instance, chain, first LIMIT 10000", *args,
     )
     breaks = await conn.fetch(
         f"SELECT instance, chain, seq, kind, detail, seen_at FROM breaks WHERE {where} "
@@ -327,12 +386,8 @@ async def chain_health(conn: asyncpg.Connection, instance: str | None = None,
         key = (c["instance"], c["chain"])
         chain_gaps = [(g["first"], g["last"]) for g in gaps if (g["instance"], g["chain"]) == key]
         chain_breaks = [dict(b) for b in breaks if (b["instance"], b["chain"]) == key]
-        verified = c["last_seq"]
-        if chain_gaps:
-            verified = min(verified, chain_gaps[0][0] - 1)
+        verified = c["verified_seq"]
         bad = [b["seq"] for b in chain_breaks if b["kind"] in _BREAKING and b["seq"] is not None]
-        if bad:
-            verified = min(verified, min(bad) - 1)
         out.append({
             "instance": c["instance"], "chain": c["chain"], "events": c["events"],
             "last_seq": c["last_seq"], "duplicates": c["duplicates"],
