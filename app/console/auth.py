@@ -86,8 +86,11 @@ class Sessions:
         if len(self._sessions) >= MAX_SESSIONS:
             self._expire()
         if len(self._sessions) >= MAX_SESSIONS:
-            # The oldest sign-ins go first; never an unbounded store.
-            for key in sorted(self._sessions, key=lambda k: self._sessions[k].expires)[:100]:
+            # Never an unbounded store: sign-ins not yet finished go first (anyone can start
+            # one), the oldest first; a signed-in user only when nothing else is left.
+            by_age = sorted(self._sessions, key=lambda k: self._sessions[k].expires)
+            unfinished = [k for k in by_age if self._sessions[k].user is None]
+            for key in (unfinished or by_age)[:100]:
                 del self._sessions[key]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32),
                           time.time() + (ttl_s or self.ttl_s), user)

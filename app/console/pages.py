@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from app.console import queries
@@ -66,7 +66,8 @@ def _name(value: str, what: str) -> str:
 
 
 @router.get("/events/{instance}/{chain}/{seq}")
-async def event(request: Request, instance: str, chain: str, seq: int) -> Response:
+async def event(request: Request, instance: str, chain: str,
+                seq: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Response:
     """One event: what it says, and its place in the chain."""
     who = await reader(request)
     async with who.console.pool.acquire() as conn:

@@ -42,6 +42,7 @@ class Stack:
     idp: str
     tokens: dict[str, str]
     log: Path
+    audit_file: Path
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
 
     def query(self, who: str, sql: str, params: list[object] | None = None,
@@ -92,7 +93,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         _wait(f"{console}/readyz", proc, log, 60)
         tokens = json.loads((data / "state" / "dev" / "tokens.json").read_text())
         assert f"Console: {console}" in log.read_text()
-        running = Stack(gateway, console, f"http://127.0.0.1:{ports['idp']}", tokens, log)
+        running = Stack(gateway, console, f"http://127.0.0.1:{ports['idp']}", tokens, log,
+                        data / "state" / "audit" / "audit.jsonl")
         yield running
         running.client.close()
     finally:

@@ -281,6 +281,8 @@ def test_bad_input_gets_a_stable_error_page(sec: WebDriver, stack: Stack) -> Non
                        ("/events?since=yesterday", "invalid_filter"),
                        ("/events?channel=smoke", "invalid_filter"),
                        ("/events/x/y/notanumber", "invalid_request"),
+                       ("/events/x/y/99999999999999999999", "invalid_request"),
+                       ("/events/x/y/0", "invalid_request"),
                        ("/approvals/not-a-uuid", "invalid_request"),
                        ("/nowhere", "not_found")):
         sec.get(stack.console + path)
@@ -312,3 +314,34 @@ def test_every_page_has_a_strict_content_security_policy(stack: Stack, sec: WebD
     assert not cookie["secure"]
     logs = [e for e in sec.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not logs, logs
+
+
+def test_an_edited_event_in_the_trail_shows_as_a_chain_break(
+    sec: WebDriver, stack: Stack, seen: Seen
+) -> None:
+    """Last, as it tampers with the stack's trail: an event appended to the audit file with
+    its content edited (its hash no longer fits) is a break, with its instance and seq."""
+    import orjson
+
+    from app.audit import canonical
+
+    last = orjson.loads(stack.audit_file.read_bytes().splitlines()[-1])
+    forged = {**last, "seq": last["seq"] + 1, "prev_hash": last["hash"],
+              "identity": {**(last.get("identity") or {}), "sub": "mallory"}}
+    with stack.audit_file.open("ab") as f:
+        f.write(canonical(forged) + b"\n")
+
+    def broken(driver: WebDriver) -> Any:
+        driver.get(f"{stack.console}/health")
+        rows = [r for r in driver.find_elements(By.CSS_SELECTOR, "table.chains tbody tr")
+                if r.find_elements(By.TAG_NAME, "td")[0].text == last["instance"]]
+        return rows and "broken" in (rows[0].get_attribute("class") or "") and rows[0]
+
+    row = wait(sec, broken)
+    assert f"edited at seq {forged['seq']}" in row.text
+    cells = row.find_elements(By.TAG_NAME, "td")
+    assert cells[4].text == str(last["seq"])  # verified up to the event before it
+    seen.keep(sec, "health-break")
+    row.find_element(By.PARTIAL_LINK_TEXT, "edited at seq").click()
+    wait(sec, lambda d: d.find_elements(By.ID, "verification"))
+    assert sec.find_element(By.ID, "verification").text.startswith("edited")

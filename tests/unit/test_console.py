@@ -72,6 +72,18 @@ def test_sessions_expire_and_are_unguessable():
     assert sessions.get(None) is None and sessions.get("x" * 500) is None
 
 
+def test_a_flood_of_unfinished_sign_ins_never_evicts_a_signed_in_user(monkeypatch):
+    from app.console import auth
+
+    monkeypatch.setattr(auth, "MAX_SESSIONS", 50)
+    sessions = Sessions(60)
+    user = sessions.new(User("sec", ("audit_readers",), "i", "t", "dev"))
+    for _ in range(500):
+        sessions.new()
+    assert sessions.get(user.id) is user
+    assert len(sessions._sessions) <= 50
+
+
 def test_filters_are_validated_and_names_qualified():
     parsed = queries.Filters.parse({"table": "customers", "column": "customers.email",
                                     "channel": "pgwire", "since": "2026-11-21T10:00:00"})
