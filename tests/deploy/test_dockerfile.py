@@ -117,3 +117,11 @@ def test_the_build_stage_inputs_build_querygate(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [wheel] = (tmp_path / "wheels").glob("querygate-*.whl")
     assert wheel.stat().st_size > 0
+    # The console (`querygate console`, same image) needs its templates and assets.
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    console = REPO / "app" / "console"
+    shipped = {str(p.relative_to(REPO)) for d in ("templates", "static")
+               for p in (console / d).iterdir()}
+    assert shipped and shipped <= names, sorted(shipped - names)
