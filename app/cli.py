@@ -1,4 +1,4 @@
-"""The ``querygate`` command: serve, dev (the whole local stack), token, explain."""
+"""The ``querygate`` command: serve, dev (the whole local stack), token, explain, console."""
 
 from __future__ import annotations
 
@@ -592,9 +592,15 @@ def cmd_console(args: argparse.Namespace) -> int:
     if args.console_command == "ingest":
         import asyncio
 
+        import asyncpg
+
         from app.console.app import run_ingest
 
-        asyncio.run(run_ingest(settings, once=args.once))
+        try:
+            asyncio.run(run_ingest(settings, once=args.once))
+        except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+            print(f"querygate console ingest: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
+            return 1
         return 0
     from app.console.web import serve
 
