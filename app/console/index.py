@@ -63,7 +63,9 @@ MIGRATIONS: tuple[str, ...] = (
         explain         boolean NOT NULL DEFAULT false,
         sql             text,
         verified        text NOT NULL,
-        body            jsonb NOT NULL,
+        -- json, not jsonb: the line as the stream held it (jsonb refuses an escaped NUL, and an
+        -- event is evidence: it is kept byte for byte, not normalised).
+        body            json NOT NULL,
         source          text NOT NULL,
         source_offset   bigint NOT NULL,
         PRIMARY KEY (instance, chain, seq)
@@ -152,7 +154,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
 
 
 def _strings(value: Any) -> list[str]:
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    return [_clean(v) for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -160,7 +162,12 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return _clean(value) if isinstance(value, str) else None
+
+
+def _clean(value: str) -> str:
+    # PostgreSQL's text cannot hold NUL; a claim or name with one is still indexed.
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def _time(value: Any) -> dt.datetime:
@@ -201,7 +208,7 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
     approval_id = _str(approval.get("id")) or _str(_dict(event.get("approval_ref")).get("id"))
     return {
         "time": _time(event.get("time")),
-        "type": str(kind),
+        "type": _clean(str(kind)),
         "sub": _str(identity.get("sub")),
         "issuer": _str(identity.get("issuer")),
         "obo_sub": _str(obo.get("sub")),
@@ -211,7 +218,7 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
         "request_id": _str(request.get("id")),
         "outcome": _str(outcome),
         "code": _str(code),
-        "rules": sorted({r["rule"] for r in decision.get("reasons") or []
+        "rules": sorted({_clean(r["rule"]) for r in decision.get("reasons") or []
                          if isinstance(r, dict) and isinstance(r.get("rule"), str)}),
         "tables": sorted(set(read) | set(written) | set(_strings(approval.get("tables")))),
         "tables_read": read,
@@ -219,7 +226,7 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
         "columns_read": cols_read,
         "columns_written": cols_written,
         "columns": sorted(set(cols_read) | set(cols_written)),
-        "masks": sorted(k for k in _dict(decision.get("masks")) if isinstance(k, str)),
+        "masks": sorted(_clean(k) for k in _dict(decision.get("masks")) if isinstance(k, str)),
         "decision_id": _str(decision.get("id")) or _str(approval.get("decision_id")),
         "approval_id": approval_id,
         "requester_sub": _str(_dict(approval.get("requester")).get("sub")),

@@ -366,3 +366,14 @@ def test_what_did_x_touch_from_the_daily_roll_up_equals_the_events(index_dsn, tm
     fetch(index_dsn, "DELETE FROM offsets")
     asyncio.run(_ingest(index_dsn, source, batch=1000))
     assert fetch(index_dsn, "SELECT sum(n) FROM touch_daily")[0][0] == before
+
+
+def test_an_event_with_a_nul_in_a_claim_is_indexed_and_kept_byte_for_byte(index_dsn, tmp_path):
+    events = sealed(3, instance="gw-nul", subs=("a\x00b",))
+    source = tmp_path / "audit.jsonl"
+    write_jsonl(source, events)
+    asyncio.run(_ingest(index_dsn, source))
+    rows = fetch(index_dsn, "SELECT sub, verified, body::text AS body FROM events ORDER BY seq")
+    assert [(r["sub"], r["verified"]) for r in rows] == [("a\ufffdb", "ok")] * 3
+    assert [r["body"].encode() for r in rows] == [canonical(e) for e in events]
+    assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 0
