@@ -411,11 +411,7 @@ async def ingest_batch(
                 instance, chain, state.last_seq, state.last_hash, state.verified_seq,
                 state.events, state.duplicates, state.first_time, state.last_time,
             )
-        await conn.execute(
-            f"INSERT INTO {SCHEMA}.offsets (source, position, updated_at) VALUES ($1, $2, now()) "
-            "ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
-            source, next_offset,
-        )
+        await _store_offset(conn, source, next_offset)
     return result
 
 
@@ -487,6 +483,47 @@ async def _verified_through(conn: asyncpg.Connection, instance: str, chain: str,
             verified = row["seq"]
         if len(rows) < 1000:
             return verified
+
+
+# What PostgreSQL says of a value it cannot hold (too long for an index, bad text):
+# the line's fault, not the database's, so it must not stop the lines after it.
+_UNINDEXABLE = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+
+
+async def ingest(conn: asyncpg.Connection, source: str, lines: list[tuple[int, bytes]],
+                 next_offset: int) -> BatchResult:
+    """``ingest_batch``, except that a batch PostgreSQL refuses for a value in it is taken
+    line by line, and a line it refuses alone is recorded as a break (``malformed``, with
+    the SQLSTATE) and passed: one odd event never stops the index."""
+    try:
+        return await ingest_batch(conn, source, lines, next_offset)
+    except _UNINDEXABLE as exc:
+        if len(lines) == 1:
+            async with conn.transaction():
+                await conn.execute(
+                    f"INSERT INTO {SCHEMA}.breaks (instance, chain, seq, kind, detail, source, "
+                    "source_offset) VALUES (NULL, NULL, NULL, 'malformed', $1, $2, $3) "
+                    "ON CONFLICT (source, source_offset, kind) DO NOTHING",
+                    f"cannot be indexed: SQLSTATE {exc.sqlstate}", source, lines[0][0],
+                )
+                await _store_offset(conn, source, next_offset)
+            return BatchResult(breaks=[(None, None, None, "malformed")])
+    total = BatchResult()
+    for i, line in enumerate(lines):
+        end = lines[i + 1][0] if i + 1 < len(lines) else next_offset
+        part = await ingest(conn, source, [line], end)
+        total.inserted += part.inserted
+        total.duplicates += part.duplicates
+        total.breaks += part.breaks
+    return total
+
+
+async def _store_offset(conn: asyncpg.Connection, source: str, position: int) -> None:
+    await conn.execute(
+        f"INSERT INTO {SCHEMA}.offsets (source, position, updated_at) VALUES ($1, $2, now()) "
+        "ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+        source, position,
+    )
 
 
 async def stored_offset(conn: asyncpg.Connection, source: str) -> int:

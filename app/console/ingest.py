@@ -87,7 +87,7 @@ class FileIngester:
             if next_offset == offset:
                 self.status.offset = offset
                 return 0
-            result = await index.ingest_batch(conn, self.status.source, lines, next_offset)
+            result = await index.ingest(conn, self.status.source, lines, next_offset)
         self.status.offset = next_offset
         self.status.inserted += result.inserted
         self.status.duplicates += result.duplicates
@@ -190,7 +190,7 @@ class KafkaIngester:
                         continue
                     lines = [(r.offset, r.value) for r in records]
                     async with self.pool.acquire() as conn:
-                        result = await index.ingest_batch(
+                        result = await index.ingest(
                             conn, self._source(tp.partition), lines, records[-1].offset + 1
                         )
                     self.status.inserted += result.inserted

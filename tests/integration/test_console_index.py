@@ -377,3 +377,33 @@ def test_an_event_with_a_nul_in_a_claim_is_indexed_and_kept_byte_for_byte(index_
     assert [(r["sub"], r["verified"]) for r in rows] == [("a\ufffdb", "ok")] * 3
     assert [r["body"].encode() for r in rows] == [canonical(e) for e in events]
     assert fetch(index_dsn, "SELECT count(*) FROM breaks")[0][0] == 0
+
+
+def test_an_event_postgresql_cannot_index_is_a_break_and_the_rest_go_on(index_dsn, tmp_path):
+    import random
+    import string
+
+    events = sealed(12, instance="gw-long")
+    rng = random.Random(5)
+    # A subject too long for a btree entry, even compressed: refused by the index.
+    events[4]["identity"]["sub"] = "".join(rng.choices(string.ascii_letters, k=12_000))
+    events[4]["hash"] = event_hash(events[4])
+    source = tmp_path / "audit.jsonl"
+    write_jsonl(source, events)
+    ingester = asyncio.run(_ingest(index_dsn, source, batch=5))
+    assert count(index_dsn) == 11 and ingester.status.offset == source.stat().st_size
+    [(kind, detail, offset)] = fetch(index_dsn, "SELECT kind, detail, source_offset FROM breaks")
+    assert kind == "malformed" and detail.startswith("cannot be indexed: SQLSTATE 54")
+    assert offset == len(b"".join(canonical(e) + b"\n" for e in events[:4]))
+
+    async def health() -> list[dict[str, Any]]:
+        from app.console import queries
+
+        conn = await asyncpg.connect(index_dsn, server_settings=index.SERVER_SETTINGS)
+        try:
+            return await queries.chain_health(conn)
+        finally:
+            await conn.close()
+
+    (chain,) = asyncio.run(health())
+    assert chain["gaps"] == [(5, 5)] and chain["last_verified_seq"] == 4
