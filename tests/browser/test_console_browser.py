@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -80,6 +80,16 @@ def wait(driver: WebDriver, condition: Callable[[WebDriver], Any], timeout: floa
                          ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
+def click(driver: WebDriver, selector: str) -> None:
+    """Click what ``selector`` finds, again if htmx swapped it away under the click."""
+    def clicked(d: WebDriver) -> bool:
+        d.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    WebDriverWait(driver, 20, poll_frequency=0.2, ignored_exceptions=(
+        StaleElementReferenceException, NoSuchElementException)).until(clicked)
+
+
 @pytest.fixture(scope="module")
 def sec(browser: Callable[[], WebDriver], stack: Stack, seen: Seen) -> WebDriver:
     """sec, signed in through the OIDC authorization code flow with PKCE."""
@@ -120,7 +130,7 @@ def test_sec_finds_alices_denied_drop_table_by_filtering_and_sees_its_rule(
     # htmx swapped the results in and pushed the filters into the address.
     assert "identity=alice" in sec.current_url and "rule=destructive_ddl" in sec.current_url
     seen.keep(sec, "timeline")
-    sec.find_element(By.CSS_SELECTOR, "#results tr.event a.event-link").click()
+    click(sec, "#results tr.event a.event-link")
     wait(sec, lambda d: "/events/" in d.current_url and d.find_elements(By.ID, "reasons"))
     rules = [e.text for e in sec.find_elements(By.CSS_SELECTOR, "#reasons code.rule")]
     assert "destructive_ddl" in rules
@@ -135,11 +145,13 @@ def test_sec_approves_danas_update_which_then_runs_and_the_inbox_updates_live(
 ) -> None:
     approval = scenario["approval"]
     sec.get(f"{stack.console}/approvals")
-    row = wait(sec, lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#inbox tr.pending")
-                               if r.get_attribute("data-requester") == "dana"])[0]
-    assert "UPDATE customers SET country = $1 WHERE id = $2" in row.text
-    assert "need an approval" in row.text  # the reason policy gave
-    assert "update" in row.text  # the facts of its decision, from the index
+    # The inbox is swapped every 3 s: read it inside the wait (a swapped row is stale).
+    text = wait(sec, lambda d: next((r.text for r in d.find_elements(
+        By.CSS_SELECTOR, "#inbox tr.pending") if r.get_attribute("data-requester") == "dana"),
+        None))
+    assert "UPDATE customers SET country = $1 WHERE id = $2" in text
+    assert "need an approval" in text  # the reason policy gave
+    assert "update" in text  # the facts of its decision, from the index
     seen.keep(sec, "approvals")
 
     # Live: a request made while the inbox is open appears without a reload.
@@ -148,7 +160,7 @@ def test_sec_approves_danas_update_which_then_runs_and_the_inbox_updates_live(
     scenario["second"] = second.json()["approval"]["id"]
     wait(sec, lambda d: d.find_elements(By.CSS_SELECTOR, f'#inbox a[href="/approvals/{scenario["second"]}"]'))
 
-    sec.find_element(By.CSS_SELECTOR, f'#inbox a[href="/approvals/{approval}"]').click()
+    click(sec, f'#inbox a[href="/approvals/{approval}"]')
     wait(sec, lambda d: d.find_elements(By.ID, "approve"))
     assert sec.find_element(By.ID, "status").text == "pending"
     seen.keep(sec, "approval")

@@ -99,6 +99,20 @@ def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(run())
 
 
+def chain_health(dsn: str) -> list[dict[str, Any]]:
+    """What the chain health page shows, per chain."""
+    from app.console import queries
+
+    async def run() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(dsn, server_settings=index.SERVER_SETTINGS)
+        try:
+            return await queries.chain_health(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def count(dsn: str) -> int:
     try:
         return int(fetch(dsn, "SELECT count(*) FROM events")[0][0])
@@ -200,16 +214,7 @@ def test_an_edited_event_a_relinked_edit_and_a_gap_show_as_breaks(index_dsn, tmp
     assert report["edited"] == [20] and report["broken_links"] == [31]
     assert report["gaps"] == [(40, 40)]
 
-    from app.console import queries
-
-    async def health() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(index_dsn, server_settings=index.SERVER_SETTINGS)
-        try:
-            return await queries.chain_health(conn)
-        finally:
-            await conn.close()
-
-    (chain,) = asyncio.run(health())
+    (chain,) = chain_health(index_dsn)
     assert chain["instance"] == "gw-edit"
     assert chain["gaps"] == [(40, 40)]
     assert chain["last_verified_seq"] == 19
@@ -395,15 +400,5 @@ def test_an_event_postgresql_cannot_index_is_a_break_and_the_rest_go_on(index_ds
     [(kind, detail, offset)] = fetch(index_dsn, "SELECT kind, detail, source_offset FROM breaks")
     assert kind == "malformed" and detail.startswith("cannot be indexed: SQLSTATE 54")
     assert offset == len(b"".join(canonical(e) + b"\n" for e in events[:4]))
-
-    async def health() -> list[dict[str, Any]]:
-        from app.console import queries
-
-        conn = await asyncpg.connect(index_dsn, server_settings=index.SERVER_SETTINGS)
-        try:
-            return await queries.chain_health(conn)
-        finally:
-            await conn.close()
-
-    (chain,) = asyncio.run(health())
+    (chain,) = chain_health(index_dsn)
     assert chain["gaps"] == [(5, 5)] and chain["last_verified_seq"] == 4
