@@ -235,7 +235,7 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: test-banner venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk lint policy-test ## install what is needed, lint, and run every test (manifests included)
+test: test-banner venv $(OPA) $(KUSTOMIZE) kafka pgjdbc pg-client wrk browser lint policy-test ## install what is needed, lint, and run every test (manifests included)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) QUERYGATE_KUSTOMIZE_BIN=$(CURDIR)/$(KUSTOMIZE) $(VENV)/bin/pytest
 
 .PHONY: test-banner
@@ -249,6 +249,17 @@ test-banner:
 .PHONY: test-unit
 test-unit: venv ## the unit tests only: no database, OPA or broker (well under a minute)
 	$(VENV)/bin/pytest tests/unit -q
+
+# Debian's chromium and chromedriver for the console's browser tests (tests/browser): passed
+# by path, so Selenium never downloads a browser or a driver.
+.PHONY: browser
+browser: ## install Debian's chromium and chromium-driver (headless browser tests) when missing
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+	  echo "browser: installing Debian's chromium and chromium-driver"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }; }
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { echo "browser: could not be installed (apt-get install chromium chromium-driver)"; exit 1; }
 
 # wrk (Debian's package) generates the HTTP load of `make bench` and of its smoke test.
 .PHONY: wrk
@@ -264,10 +275,13 @@ wrk: ## install the wrk load generator from Debian's packages when it is missing
 BENCH_ARGS ?=
 # PGWIRE_BENCH_ARGS, e.g. "--clients 8 --duration 10 --rounds 2" (bench/pgwire_bench.py).
 PGWIRE_BENCH_ARGS ?=
+# CONSOLE_BENCH_ARGS, e.g. "--events 20000 --requests 50" (bench/console_bench.py).
+CONSOLE_BENCH_ARGS ?=
 .PHONY: bench
-bench: venv $(OPA) wrk pgbouncer ## direct vs passthrough vs querygate under load, 1M-row stream, the wire protocol vs PgBouncer
+bench: venv $(OPA) wrk pgbouncer ## direct vs passthrough vs querygate under load, 1M-row stream, the wire protocol vs PgBouncer, the console's pages over 100k events
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.load_bench $(BENCH_ARGS)
 	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.pgwire_bench $(PGWIRE_BENCH_ARGS)
+	QUERYGATE_OPA_BIN=$(CURDIR)/$(OPA) $(PY) -m bench.console_bench $(CONSOLE_BENCH_ARGS)
 
 .PHONY: pgbouncer
 pgbouncer: ## install Debian's PgBouncer (the wire-protocol benchmark's comparison) when missing

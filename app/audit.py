@@ -780,8 +780,9 @@ class StdoutSink:
 
 
 def kafka_security(s: Settings) -> dict[str, Any]:
-    """aiokafka's security options from ``QUERYGATE_AUDIT_KAFKA_*``: the sink's, and those of
-    ``querygate audit verify --kafka`` (the same topic, so the same settings)."""
+    """aiokafka's security options from ``QUERYGATE_AUDIT_KAFKA_*``: the sink's, those of
+    ``querygate audit verify --kafka`` and the console's consumer (the same topic, so the
+    same settings)."""
     config: dict[str, Any] = {"security_protocol": s.audit_kafka_security_protocol}
     if s.audit_kafka_security_protocol in ("SSL", "SASL_SSL"):
         from aiokafka.helpers import create_ssl_context

@@ -1,5 +1,5 @@
 """The ``querygate`` command: serve, dev (the whole local stack), token, explain, mcp (the stdio
-bridge for desktop agents), …"""
+bridge for desktop agents), console (the audit console), …"""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def _audit_destination(settings: Settings) -> str:
 def cmd_dev(args: argparse.Namespace) -> int:
     """Start embedded PostgreSQL with demo data, OPA with rego/, and the gateway; Ctrl-C stops all."""
     from app.demo import DEMO_IDENTITIES
-    from app.devstack import OWNER_ROLE, start_opa, start_postgres
+    from app.devstack import OWNER_ROLE, start_opa, start_postgres, terminate
     from app.identity import mint_dev_token
 
     # uvicorn re-raises SIGTERM after its shutdown; turning it into KeyboardInterrupt lets the
@@ -137,11 +138,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
         mask_key_file.touch(mode=0o600)
         mask_key_file.write_text(secrets.token_hex(32))
     os.environ.setdefault("QUERYGATE_MASK_HMAC_KEY", mask_key_file.read_text().strip())
+    # The console (docs/console.md) beside the gateway; approval notifications link to it.
+    os.environ.setdefault("QUERYGATE_CONSOLE_PUBLIC_URL", "http://127.0.0.1:"
+                          + os.environ.get("QUERYGATE_CONSOLE_PORT", "8081"))
     probe = load_settings(dev_mode=True, dev_signing_key_file=data_dir / "dev" / "signing-key.pem")
     _configure_logging(probe.log_level)
     print(f"querygate dev: starting PostgreSQL in {data_dir / 'pg'} …", flush=True)  # noqa: T201
     postgres = start_postgres(data_dir / "pg")
     opa = None
+    console: subprocess.Popen[bytes] | None = None
     try:
         print("querygate dev: starting OPA with rego/ …", flush=True)  # noqa: T201
         # As a bundle with a revision, as in a deployment: decisions can then be cached.
@@ -153,6 +158,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             opa_url=opa.url,
             ddl_role=OWNER_ROLE,
         )
+        console = _start_dev_console(data_dir, postgres.admin_dsn, opa.url, settings)
         tokens = {
             sub: mint_dev_token(settings, sub, groups, email=f"{sub}@example.com")
             for sub, groups in DEMO_IDENTITIES.items()
@@ -165,9 +171,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"\nquerygate is starting on {base} (environment {settings.environment}, dev mode)\n"
             f"OPA: {opa.url}   PostgreSQL: {postgres.app_dsn}\n"
             f"Audit trail: {_audit_destination(settings)}   metrics: {base}/metrics\n"
+            f"Console: {settings.console_public_url} (sign in as a demo identity; docs/console.md)\n"
             f"Demo tokens (also in {token_file}):\n"
             + "".join(
-                f"  {sub:<6} {','.join(DEMO_IDENTITIES[sub]):<12} {tok[:24]}…\n"
+                f"  {sub:<6} {','.join(DEMO_IDENTITIES[sub]):<22} {tok[:24]}…\n"
                 for sub, tok in tokens.items()
             )
             + "\nTry:\n"
@@ -196,11 +203,45 @@ def cmd_dev(args: argparse.Namespace) -> int:
             log.warning("querygate dev serves with one worker; QUERYGATE_WORKERS is for serve")
         _serve(settings)
     finally:
+        if console is not None:
+            terminate(console, 10)
         if opa is not None:
             opa.stop()
         postgres.stop()
         print("querygate dev: stopped", flush=True)  # noqa: T201
     return 0
+
+
+def _start_dev_console(data_dir: Path, admin_dsn: str, opa_url: str,
+                       settings: Settings) -> subprocess.Popen[bytes]:
+    """`querygate console` for `querygate dev`: its index in the embedded PostgreSQL (a
+    database only its own role may open), the gateway's audit file as its source, and the
+    dev OIDC provider beside it (QUERYGATE_CONSOLE_DEV_IDP_PORT, default 8082)."""
+    from app.devstack import prepare_console_database
+
+    index_dsn = prepare_console_database(admin_dsn)
+    idp_port = os.environ.get("QUERYGATE_CONSOLE_DEV_IDP_PORT", "8082")
+    env = dict(os.environ)
+    env.update({
+        "QUERYGATE_DEV_MODE": "true",
+        "QUERYGATE_DEV_SIGNING_KEY_FILE": str(settings.dev_signing_key_file),
+        "QUERYGATE_OPA_URL": opa_url,
+        "QUERYGATE_CONSOLE_DATABASE_URL": index_dsn,
+        "QUERYGATE_CONSOLE_AUDIT_FILE": _audit_destination(settings),
+        "QUERYGATE_CONSOLE_GATEWAY_URL": f"http://{settings.host}:{settings.port}",
+        "QUERYGATE_CONSOLE_DEV_IDP_PORT": idp_port,
+        "QUERYGATE_CONSOLE_OIDC_ISSUER": f"http://127.0.0.1:{idp_port}",
+        "QUERYGATE_CONSOLE_OIDC_CLIENT_ID": "querygate-console",
+        "QUERYGATE_CONSOLE_OIDC_CLIENT_SECRET": secrets.token_urlsafe(24),
+    })
+    env.pop("QUERYGATE_DATABASE_URL", None)  # the console never reads the application's data
+    log_path = data_dir / "console.log"
+    print(f"querygate dev: starting the console (log {log_path}) …", flush=True)  # noqa: T201
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(  # our own interpreter and module
+            [sys.executable, "-m", "app.cli", "console"], env=env,
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -433,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a token of the person the agent acts for (X-Querygate-On-Behalf-Of)")
     bridge.add_argument("--timeout", type=float, default=120.0, help="seconds per tool call")
     bridge.add_argument("--log-level", default="warning", help="logs go to stderr")
+    console = sub.add_parser(
+        "console", help="the audit console and its index (docs/console.md; QUERYGATE_CONSOLE_*)"
+    )
+    console_sub = console.add_subparsers(dest="console_command")
+    console_sub.add_parser("serve", help="serve the console and fill the index (the default)")
+    ingest = console_sub.add_parser("ingest", help="fill the audit index only")
+    ingest.add_argument("--once", action="store_true",
+                        help="stop when the stream is indexed to its current end")
 
     db = sub.add_parser("db", help="prepare the database for the masking it enforces (docs/masking.md)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -599,11 +648,35 @@ def _json_list(text: str) -> list[Any]:
 EXIT_UNREACHABLE = 3
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """`console`: the web console and its indexer; `console ingest`: the indexer alone."""
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    if args.console_command == "ingest":
+        import asyncio
+
+        import asyncpg
+
+        from app.console.app import run_ingest
+
+        try:
+            asyncio.run(run_ingest(settings, once=args.once))
+        except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+            print(f"querygate console ingest: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
+            return 1
+        return 0
+    from app.console.web import serve
+
+    serve(settings)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve, "dev": cmd_dev, "token": cmd_token, "explain": cmd_explain,
         "catalog": cmd_catalog, "audit": cmd_audit, "db": cmd_db, "mcp": cmd_mcp,
+        "console": cmd_console,
     }
     try:
         return handlers[args.command](args)

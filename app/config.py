@@ -62,6 +62,9 @@ OTHER_VARIABLES: dict[str, str] = {
     "QUERYGATE_KAFKA_LIBS": "the Kafka jars of the test broker (app/devstack.py)",
     "QUERYGATE_KUSTOMIZE_BIN": "the kustomize binary of tests/deploy (Makefile)",
     "QUERYGATE_DB_ADMIN_URL": "a DBA's DSN for `querygate db init` (app/cli.py)",
+    "QUERYGATE_CHROMIUM": "the browser of the console's browser tests (tests/browser)",
+    "QUERYGATE_CHROMEDRIVER": "its driver (tests/browser)",
+    "QUERYGATE_CONSOLE_SCREENSHOTS": "where the browser tests save their screenshots",
     # What an application next to a sidecar reads (deploy/k8s/base/deployment.yaml), and
     # `querygate mcp` (app/cli.py, docs/agents.md).
     "QUERYGATE_URL": "where the application (or the MCP bridge) reaches the gateway",
@@ -435,6 +438,55 @@ class Settings(BaseSettings):
 
     # Approvals: a Slack-compatible webhook told when one is requested and decided.
     approval_webhook_url: str | None = None
+
+    # The console (`querygate console`, docs/console.md): one per cluster, a reader of the
+    # audit index it fills from the audit stream; it acts only through the gateway's API.
+    # The index: a database (or schema) no caller of the gateway can read.
+    console_database_url: SecretStr | None = None
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(8081, ge=0, le=65_535)
+    # Where users reach the console (links in approval notifications, the OIDC redirect).
+    console_public_url: str | None = None
+    # The gateway's HTTP API, called with the signed-in user's own token (approvals).
+    console_gateway_url: str = "http://127.0.0.1:8080"
+    # What the index reads: the file sink's JSONL file, or the Kafka topic
+    # (QUERYGATE_AUDIT_KAFKA_BOOTSTRAP / _TOPIC).
+    console_source: Literal["file", "kafka"] = "file"
+    console_audit_file: Path | None = None
+    console_ingest_batch: int = Field(500, ge=1, le=100_000)
+    console_ingest_poll_ms: int = Field(500, ge=10, le=60_000)
+    # The issuer whose subjects are the console's users: "only their own events" means the
+    # events of identity (sub, this issuer). Default: QUERYGATE_JWT_ISSUER.
+    console_audit_issuer: str | None = None
+    # OPA rule that says what a user may see: {"scope": "all"} or {"scope": "own"}.
+    console_opa_path: str = Field("querygate/console/access", pattern=r"^[A-Za-z0-9_/]+$")
+    console_session_ttl_s: int = Field(8 * 3600, ge=60, le=7 * 86_400)
+    # OIDC sign-in (authorization code + PKCE): the issuer's discovery document names its
+    # endpoints; groups come from the ID token or userinfo (QUERYGATE_JWT_GROUPS_CLAIMS).
+    console_oidc_issuer: str | None = None
+    console_oidc_client_id: str | None = None
+    console_oidc_client_secret: SecretStr | None = None
+    console_oidc_scopes: str = "openid profile groups"
+    # `querygate dev` only: the dev OIDC provider's port (app/console/devidp.py).
+    console_dev_idp_port: int | None = Field(None, ge=0, le=65_535)
+
+    @model_validator(mode="after")
+    def _console_consistent(self) -> Settings:
+        if (self.console_oidc_issuer is None) != (self.console_oidc_client_id is None):
+            raise ValueError(f"{_env('console_oidc_issuer')} and {_env('console_oidc_client_id')} "
+                             "go together")
+        if self.console_dev_idp_port is not None and not self.dev_mode:
+            raise ValueError(f"{_env('console_dev_idp_port')} needs {_env('dev_mode')}=true")
+        for name in ("console_public_url", "console_gateway_url", "console_oidc_issuer"):
+            value = getattr(self, name)
+            if value is not None:
+                parts = urlsplit(value)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise ValueError(f"{_env(name)} must be an http(s) URL")
+        if self.environment == "prod" and self.console_oidc_issuer is not None:
+            if urlsplit(self.console_oidc_issuer).scheme != "https":
+                raise ValueError(f"{_env('console_oidc_issuer')} must be https in prod")
+        return self
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)

@@ -14,7 +14,7 @@ DEMO_IDENTITIES: dict[str, list[str]] = {
     "alice": ["analysts"],
     "sam": ["support"],
     "dana": ["dba"],
-    "sec": ["security"],
+    "sec": ["security", "audit_readers"],
     "pat": ["pii_readers"],
 }
 

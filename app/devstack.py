@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -89,6 +90,17 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout_s: float) -> None
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def interrupt_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Ctrl-C to a process group started with ``start_new_session`` (as a terminal would send
+    it to `make run`), then SIGKILL and raise if it has not ended within ``timeout_s``."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
 
 
 @dataclass
@@ -273,6 +285,39 @@ async def _prepare(admin_dsn: str, app_dsn: str, owner_dsn: str, demo: bool) -> 
         await db_init(admin, APP_ROLE, APP_DATABASE, ("public",))
     finally:
         await admin.close()
+
+
+# The console's audit index (docs/console.md): a database of its own, owned by a role of its
+# own, that nobody else may connect to: no caller of the gateway can read the audit trail.
+CONSOLE_ROLE = "querygate_console"
+CONSOLE_DATABASE = "querygate_audit"
+
+
+def prepare_console_database(admin_dsn: str, database: str = CONSOLE_DATABASE) -> str:
+    """Create (idempotently) the console's role and index database; its DSN."""
+
+    async def prepare() -> None:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", CONSOLE_ROLE):
+                await admin.execute(
+                    f"CREATE ROLE {CONSOLE_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE"
+                )
+            if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+                await admin.execute(f'CREATE DATABASE "{database}" OWNER {CONSOLE_ROLE}')
+            await admin.execute(f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC')
+        finally:
+            await admin.close()
+        owner = await asyncpg.connect(admin_database_dsn(admin_dsn, database))
+        try:
+            # Nothing in the index database belongs to, or is readable by, anyone else.
+            await owner.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        finally:
+            await owner.close()
+
+    asyncio.run(prepare())
+    socket_dir = admin_dsn.split("host=", 1)[1].split("&", 1)[0]
+    return f"postgresql://{CONSOLE_ROLE}@/{database}?host={socket_dir}"
 
 
 # Each masking profile has a pool of its own (docs/masking.md), and the tests run many

@@ -328,10 +328,13 @@ async def approval_event(
     """Audit (and, with a webhook, announce) an approval lifecycle step; never parameter values."""
     await audit.approval(event, approval, gate=gate, comment=approval.comment)
     if event in ("requested", "approved", "rejected"):
+        console = gateway.settings.console_public_url
         gateway.notifier.notify(
             f"querygate approval {approval.id} {event} by {actor}: "
             f"{approval.reason} (requester {approval.requester.get('sub')}, "
             f"environment {approval.environment}, tables {', '.join(approval.tables)})"
+            # The approval's page in the console (docs/console.md), where it is decided.
+            + (f" {console.rstrip('/')}/approvals/{approval.id}" if console else "")
         )
 
 

@@ -131,3 +131,8 @@ def test_the_build_stage_inputs_build_querygate(tmp_path):
     # Both packages: the gateway and the client the stdio bridge uses (docs/agents.md).
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"app/mcp/server.py", "querygate_client/__init__.py"} <= names
+    # The console (`querygate console`, same image) needs its templates and assets.
+    console = REPO / "app" / "console"
+    shipped = {str(p.relative_to(REPO)) for d in ("templates", "static")
+               for p in (console / d).iterdir()}
+    assert shipped and shipped <= names, sorted(shipped - names)

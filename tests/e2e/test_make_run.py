@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from app.devstack import find_opa, free_port
+from app.devstack import find_opa, free_port, interrupt_group, wait_http
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +41,8 @@ def test_make_run_from_a_fresh_clone(tmp_path):
     env.pop("VIRTUAL_ENV", None)
     env["QUERYGATE_PORT"] = str(port)
     env["QUERYGATE_PG_PORT"] = str(free_port())
+    env["QUERYGATE_CONSOLE_PORT"] = str(free_port())
+    env["QUERYGATE_CONSOLE_DEV_IDP_PORT"] = str(free_port())
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -77,6 +78,10 @@ def test_make_run_from_a_fresh_clone(tmp_path):
         assert denied.status_code == 403
         output = log_path.read_text()
         assert "curl" in output and "Ctrl-C" in output
+        # The console (docs/console.md) is started and its URL printed.
+        console = f"http://127.0.0.1:{env['QUERYGATE_CONSOLE_PORT']}"
+        assert f"Console: {console}" in output
+        wait_http(f"{console}/readyz", timeout_s=60)
         # The banner's psql line, pasted as printed (issue 17 acceptance 1).
         line = next(x.strip() for x in output.splitlines() if x.strip().startswith("psql "))
         conninfo = line.removeprefix("psql ").strip('"').replace("$TOKEN", tokens["alice"])
@@ -93,12 +98,7 @@ def test_make_run_from_a_fresh_clone(tmp_path):
         assert dropped.returncode != 0 and "42501" in dropped.stderr, dropped.stderr
         assert "policy_denied" in dropped.stderr
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        interrupt_group(proc, 60)
     time.sleep(1)
     assert "querygate dev: stopped" in log_path.read_text()
     leftovers = [p for p in _children_using(clone) if p.is_running() and p.status() != "zombie"]
