@@ -120,8 +120,11 @@ def test_sec_finds_alices_denied_drop_table_by_filtering_and_sees_its_rule(
         if driver.find_elements(By.CSS_SELECTOR, "form.htmx-request"):
             return None  # an answer is on its way
         texts = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#results tr.event")]
-        if not any("DROP TABLE orders" in t for t in texts):
-            driver.find_element(By.ID, "apply-filters").click()  # not indexed yet: again
+        # The page opened unfiltered (its rows are everyone's), and the event may not be
+        # indexed yet: apply the filters until their answer holds it.
+        applied = "identity=alice" in driver.current_url
+        if not applied or not any("DROP TABLE orders" in t for t in texts):
+            driver.find_element(By.ID, "apply-filters").click()
             return None
         return texts
 
@@ -145,10 +148,11 @@ def test_sec_approves_danas_update_which_then_runs_and_the_inbox_updates_live(
 ) -> None:
     approval = scenario["approval"]
     sec.get(f"{stack.console}/approvals")
-    # The inbox is swapped every 3 s: read it inside the wait (a swapped row is stale).
+    # The inbox is swapped every 3 s: read it inside the wait (a swapped row is stale),
+    # until the index holds the request's decision (its facts show beside it).
     text = wait(sec, lambda d: next((r.text for r in d.find_elements(
-        By.CSS_SELECTOR, "#inbox tr.pending") if r.get_attribute("data-requester") == "dana"),
-        None))
+        By.CSS_SELECTOR, "#inbox tr.pending") if r.get_attribute("data-requester") == "dana"
+        and "update" in r.text), None))
     assert "UPDATE customers SET country = $1 WHERE id = $2" in text
     assert "need an approval" in text  # the reason policy gave
     assert "update" in text  # the facts of its decision, from the index
