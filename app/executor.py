@@ -269,7 +269,7 @@ def _reads_only(conn: asyncpg.Connection) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _read_write(conn: asyncpg.Connection) -> AsyncIterator[None]:
+async def _read_write(conn: asyncpg.Connection, reset: bool = False) -> AsyncIterator[None]:
     """A READ WRITE transaction, whatever the session's default.
 
     asyncpg's ``transaction()`` can only add READ ONLY to its BEGIN, and a plain BEGIN is
@@ -277,7 +277,13 @@ async def _read_write(conn: asyncpg.Connection) -> AsyncIterator[None]:
     the same round trips (BEGIN, COMMIT, or ROLLBACK after an error). A transaction left
     open all the same (its rollback interrupted) is rolled back when the connection goes
     back: asyncpg's pool runs its own ``Connection._reset()``, which does, before any reset
-    given to the pool (``CleanSessions.reset``), and never marks a write clean.
+    given to the pool (``CleanSessions.reset``).
+
+    With ``reset``, the COMMIT carries the pool's reset (asyncpg's own reset query, as the
+    server's capabilities make it) in the same Query message: one
+    round trip for both, where the pool would take a second. PostgreSQL runs the reset
+    only if the COMMIT succeeded (an error skips the rest of the message); the caller then
+    marks the session clean, and a session whose COMMIT failed is reset by the pool in full.
     """
     await conn.execute("BEGIN READ WRITE")
     try:
@@ -286,13 +292,14 @@ async def _read_write(conn: asyncpg.Connection) -> AsyncIterator[None]:
         if _open(conn) and conn.is_in_transaction():
             await conn.execute("ROLLBACK")
         raise
-    await conn.execute("COMMIT")
+    await conn.execute(f"COMMIT;\n{conn.get_reset_query()}" if reset else "COMMIT")
 
 
-def _transaction(conn: asyncpg.Connection, readonly: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+def _transaction(conn: asyncpg.Connection, readonly: bool,
+                 reset: bool) -> contextlib.AbstractAsyncContextManager[Any]:
     # READ ONLY through asyncpg's own transaction, which also knows how to leave a stream's
     # transaction to the pool when its generator is closed after the connection went back.
-    return conn.transaction(readonly=True) if readonly else _read_write(conn)
+    return conn.transaction(readonly=True) if readonly else _read_write(conn, reset)
 
 
 class CleanSessions:
@@ -305,8 +312,9 @@ class CleanSessions:
     behind: SET, LISTEN, DECLARE, PREPARE and temporary tables never pass the extractor,
     set_config() and advisory locks are denied by the gateway whatever policy allows, and
     SET LOCAL ROLE ends with the transaction. The one round trip marks a session only if it
-    is still read only by default and outside a transaction afterwards. Every other use
-    (writes, DDL, approvals, the catalog, a failed read) is reset in full.
+    is still read only by default and outside a transaction afterwards. A committed write
+    is marked too, as its COMMIT carried the reset itself (``_read_write``). Every other use
+    (approvals, the catalog, a failed statement) is reset by the pool in full.
     Marks are by backend pid, consumed at release; a new connection clears its pid's mark.
     """
 
@@ -421,7 +429,7 @@ class Executor:
         """``target.sql`` prepared and cross-checked in a transaction: READ ONLY for a read,
         READ WRITE otherwise; ``prelude`` and ``db_role`` take effect in it."""
         readonly = _reads(facts)
-        async with _transaction(conn, readonly):
+        async with _transaction(conn, readonly, reset=self._sessions is not None):
             if target.prelude is not None:
                 await target.prelude(conn)
             if target.db_role is not None:
@@ -429,8 +437,9 @@ class Executor:
                 # transaction only. The name was validated as a plain identifier.
                 await conn.execute(f'SET LOCAL ROLE "{target.db_role}"')
             yield await _checked(conn, target, facts)
-        if readonly and self._sessions is not None:
-            # Committed, and it was a read: nothing to reset (CleanSessions).
+        if self._sessions is not None:
+            # Committed: a read left nothing to reset (CleanSessions), and a write's COMMIT
+            # carried the reset (_read_write).
             self._sessions.mark(conn)
 
     async def run(

@@ -1,8 +1,9 @@
 """What the executor saves per request (make bench) without giving up what it guarantees:
 statements come from asyncpg's statement cache, a governed read skips the pool's reset round
-trip, everything else is reset, the statement timeout holds on every pooled connection, and
-on a session read only by default a read costs one round trip, its answer whole and capped
-as through a cursor. Real PostgreSQL (pgserver)."""
+trip, a committed write carries it in its COMMIT, everything else is reset, the statement
+timeout holds on every pooled connection, and on a session read only by default a read
+costs one round trip, its answer whole and capped as through a cursor. Real PostgreSQL
+(pgserver)."""
 
 from __future__ import annotations
 
@@ -243,3 +244,82 @@ def test_a_read_that_changes_the_sessions_default_is_reset(wire):
     assert default == "on"
     # Reset to read only by default, the session reads in one round trip again.
     assert not began(next_read), next_read
+
+
+WRITE_FACTS = QueryFacts(fingerprint="sha256:write", kind="update",
+                         tables_write=("public.session_probe",), param_count=1)
+
+
+@pytest.fixture
+def session_probe(admin_db: Any) -> Any:
+    """A table whose trigger leaves session state behind (a setting and an advisory lock),
+    as a trigger the gateway never sees may; a deferred check fails a COMMIT on demand."""
+    admin_db.execute("DROP TABLE IF EXISTS session_probe CASCADE")
+    admin_db.execute("CREATE TABLE session_probe (id integer PRIMARY KEY, n integer, "
+                     "ok boolean DEFAULT true)")
+    admin_db.execute("INSERT INTO session_probe SELECT g, 0 FROM generate_series(1, 5) g")
+    admin_db.execute(
+        "CREATE FUNCTION session_probe_dirty() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM set_config('application_name', 'dirty', false); "
+        "PERFORM pg_advisory_lock(4242); RETURN NEW; END $$")
+    admin_db.execute("CREATE TRIGGER dirty AFTER UPDATE ON session_probe "
+                     "FOR EACH ROW EXECUTE FUNCTION session_probe_dirty()")
+    # A deferred constraint: an UPDATE that breaks it fails at COMMIT, not before.
+    admin_db.execute(
+        "CREATE FUNCTION session_probe_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.n < 0 THEN RAISE EXCEPTION 'negative'; END IF; RETURN NULL; END $$")
+    admin_db.execute("CREATE CONSTRAINT TRIGGER nonnegative AFTER UPDATE ON session_probe "
+                     "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                     "EXECUTE FUNCTION session_probe_check()")
+    admin_db.execute("GRANT SELECT, UPDATE ON session_probe TO querygate")
+    yield
+    admin_db.execute("DROP TABLE IF EXISTS session_probe CASCADE")
+    admin_db.execute("DROP FUNCTION IF EXISTS session_probe_dirty(), session_probe_check()")
+
+
+def test_a_committed_write_carries_the_reset_in_its_commit(wire, session_probe):
+    """A write's COMMIT and the pool's reset go in one Query message (one round trip, not
+    two), and the session it leaves is as clean as the pool's reset would have left it: the
+    trigger's setting and advisory lock are gone before the next use."""
+    sql = "UPDATE session_probe SET n = n + 1 WHERE id = $1"
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[Any, list[Any], Any]:
+        with wire.recording() as sent:
+            result = await executor.run(executor.target(sql), [1], WRITE_FACTS, 10)
+        async with pool.acquire() as conn:
+            state = (str(await conn.fetchval("SHOW application_name")),
+                     await conn.fetchval("SELECT count(*) FROM pg_locks "
+                                         "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"),
+                     str(await conn.fetchval("SHOW default_transaction_read_only")))
+        return result, sent, state
+
+    result, sent, (name, locks, read_only) = with_executor(wire.dsn, body)
+    assert result.rows_affected == 1
+    queries = [text for kind, text in sent if kind == "Q"]
+    assert queries[0] == "BEGIN READ WRITE", sent
+    # The last message: the COMMIT with asyncpg's reset behind it; nothing after it.
+    assert queries[-1].startswith("COMMIT;") and "RESET ALL" in queries[-1], sent
+    assert sent[-1][0] == "Q" and sent[-1][1] == queries[-1], sent
+    assert sum("RESET ALL" in q for q in queries) == 1, sent
+    assert name != "dirty" and locks == 0 and read_only == "on"
+
+
+def test_a_write_whose_commit_fails_is_reset_by_the_pool(wire, session_probe):
+    """A COMMIT that fails (a deferred constraint) skips the rest of its message: the pool
+    then resets the session in full, with its own round trip."""
+    sql = "UPDATE session_probe SET n = -1 WHERE id = $1"
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> tuple[list[Any], str, int]:
+        with wire.recording() as sent:
+            with pytest.raises(Exception, match="raise_exception"):
+                await executor.run(executor.target(sql), [2], WRITE_FACTS, 10)
+        async with pool.acquire() as conn:
+            name = str(await conn.fetchval("SHOW application_name"))
+            n = int(await conn.fetchval("SELECT n FROM session_probe WHERE id = 2"))
+        return sent, name, n
+
+    sent, name, n = with_executor(wire.dsn, body)
+    queries = [text for kind, text in sent if kind == "Q"]
+    assert queries[-2].startswith("COMMIT;"), sent
+    assert queries[-1].startswith("SELECT pg_advisory_unlock_all()"), sent  # the pool's own
+    assert name != "dirty" and n == 0
