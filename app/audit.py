@@ -1189,7 +1189,7 @@ class AuditLog:
             elif exc is not None:
                 result.set_exception(exc)
             else:
-                self.metrics.audit_events.labels(kind).inc()
+                self.metrics.child(self.metrics.audit_events, kind).inc()
                 self.metrics.audit_append_seconds.observe(time.perf_counter() - started)
                 result.set_result(None)
 

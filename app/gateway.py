@@ -265,7 +265,8 @@ class Gateway:
             text = grammar.rewrite_schemas(sql, profile.schema_map)
         else:
             text = sql
-        enforced = dataclasses.replace(decision, masks=masks)
+        # The decision as enforced: its masks and the profile's (most often the same).
+        enforced = decision if masks == decision.masks else dataclasses.replace(decision, masks=masks)
         return Target(profile.pool, text, None, frozenset(masks), profile=spec.role), enforced
 
     @staticmethod

@@ -152,7 +152,7 @@ class Metrics:
             "failed deliveries to Kafka (each is retried from the spool), by error",
             ["error"], registry=r,
         )
-        self._stages: dict[str, Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._spool = _SpoolCollector()
         r.register(self._spool)
 
@@ -161,12 +161,18 @@ class Metrics:
         self._spool.source = source
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        # labels() builds a key and takes a lock on every call; a handful of stages are
-        # observed several times per request, so their children are kept.
-        child = self._stages.get(stage)
+        self.child(self.stage_seconds, stage).observe(seconds)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: labels() checks, builds a key and takes a lock
+        on every call, and a request makes several. Label values here come from closed
+        sets (stages, route templates, decisions, codes, event types), as Prometheus
+        needs them to anyway."""
+        key = (metric, values)
+        child = self._children.get(key)
         if child is None:
-            child = self._stages[stage] = self.stage_seconds.labels(stage)
-        child.observe(seconds)
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -215,8 +221,9 @@ class MetricsMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             code = state.get("error_code") or ("ok" if 0 < status < 400 else str(status))
             decision = getattr(state.get("audit"), "label", None) or "none"
-            self.metrics.requests.labels(path, decision, code).inc()
-            self.metrics.request_seconds.labels(path, decision).observe(
+            metrics = self.metrics
+            metrics.child(metrics.requests, path, decision, code).inc()
+            metrics.child(metrics.request_seconds, path, decision).observe(
                 time.perf_counter() - started)
 
 

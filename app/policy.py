@@ -509,13 +509,19 @@ class PolicyClient:
         is sent when it returns. So a bundle OPA activated before a caller arrived is always
         seen, at the cost of one small read of ``data.system.bundles`` per round of callers.
         """
+        return await asyncio.shield(self.next_revision())
+
+    def next_revision(self) -> asyncio.Future[str | None]:
+        """``revision`` as the shared probe's own future, for a caller that chains a
+        callback to it rather than awaiting it (the decision cache, once per hit). It is
+        shared: never cancel it."""
         future = self._next_probe
         if future is None:
             future = self._next_probe = asyncio.get_running_loop().create_future()
             future.add_done_callback(_retrieve)
             if self._probing is None:
                 self._launch_probe()
-        return await asyncio.shield(future)
+        return future
 
     def _launch_probe(self) -> None:
         self._probing = asyncio.get_running_loop().create_task(self._probe())
@@ -671,9 +677,7 @@ class DecisionCache:
         entry = self._entries.get(key)
         if entry is not None:
             if time.monotonic() < entry.expires:
-                probe = asyncio.ensure_future(self._confirm(key, entry))
-                probe.add_done_callback(_retrieve)
-                return entry.decision, probe
+                return entry.decision, self._confirm(key, entry)
             self._entries.pop(key, None)
         decision = await self._client.decide(input_)
         revision = decision.bundle_revision
@@ -691,8 +695,27 @@ class DecisionCache:
         )
         return decision, None
 
-    async def _confirm(self, key: bytes, entry: _Entry) -> bool:
-        revision = await self._client.revision()
+    def _confirm(self, key: bytes, entry: _Entry) -> asyncio.Future[bool]:
+        """The answer of the next probe for ``entry``, chained to the shared probe by a
+        callback: a hit costs one future, not a task and a shield of its own."""
+        probe = self._client.next_revision()
+        confirm: asyncio.Future[bool] = probe.get_loop().create_future()
+        confirm.add_done_callback(_retrieve)
+
+        def settle(done: asyncio.Future[str | None]) -> None:
+            if confirm.done():  # its waiter was cancelled
+                return
+            if done.cancelled():
+                confirm.set_exception(_unavailable("the policy engine's revision was not read"))
+            elif (exc := done.exception()) is not None:
+                confirm.set_exception(exc)
+            else:
+                confirm.set_result(self._confirmed(key, entry, done.result()))
+
+        probe.add_done_callback(settle)
+        return confirm
+
+    def _confirmed(self, key: bytes, entry: _Entry, revision: str | None) -> bool:
         if revision != self._revision:
             self._entries.clear()
             self._revision = revision

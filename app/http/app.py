@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> Front:
             policy=policy,
             decisions=DecisionCache(
                 policy, settings.decision_cache_entries, settings.decision_cache_max_ttl_s,
-                lambda result: metrics.decision_cache.labels(result).inc(),
+                lambda result: metrics.child(metrics.decision_cache, result).inc(),
             ),
             metrics=metrics,
             limits=CallerLimits(settings.rate_limit_per_s, settings.rate_limit_burst,

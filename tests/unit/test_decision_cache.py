@@ -40,6 +40,10 @@ class ScriptedOpa:
             raise Unavailable("policy_unavailable", "the policy engine is unreachable")
         return self.active
 
+    def next_revision(self) -> asyncio.Future[str | None]:
+        # A probe of its own per caller (PolicyClient shares them; tests/unit/test_policy*).
+        return asyncio.ensure_future(self.revision())
+
 
 INPUT = {
     "identity": {"sub": "alice", "groups": ["analysts"]},
@@ -220,3 +224,38 @@ async def test_after_a_stale_probe_the_answer_is_opas_not_another_cache_entry():
     fresh = await cache.decide(_input(), 1)
     assert not fresh.cached and fresh.bundle_revision == "r2"
     assert len(opa.asked) == asked + 1
+
+
+async def test_hits_chain_onto_the_shared_probe_and_each_is_settled_on_its_own():
+    """A hit's confirmation is a callback on PolicyClient's shared probe (no task per hit):
+    hits that arrive together share one probe, a hit whose waiter is cancelled leaves the
+    others alone, and a probe that fails fails every hit waiting on it."""
+    client = PolicyClient("http://127.0.0.1:1", "querygate/decision", 2000)
+    transport = SlowTransport(0.05)
+    client._transport = cast(Any, transport)
+    answers = iter(range(1, 100))
+
+    async def decide(input_: dict[str, Any]) -> Decision:
+        return _decision(next(answers))
+
+    client.decide = decide  # type: ignore[method-assign]
+    cache = _cache(cast(ScriptedOpa, client))
+    await _warm(cache)
+    sent = len(transport.sent)
+    hits = [await cache.speculate(_input(), 1) for _ in range(10)]
+    assert all(d.cached and probe is not None for d, probe in hits)
+    hits[0][1].cancel()  # type: ignore[union-attr]
+    assert await asyncio.gather(*(p for _, p in hits[1:])) == [True] * 9  # type: ignore[misc]
+    assert len(transport.sent) == sent + 1  # ten hits, one probe
+
+    async def refused(path: str, body: bytes) -> tuple[int, bytes]:
+        await asyncio.sleep(0.01)
+        raise OSError("connection refused")
+
+    transport.post = refused  # type: ignore[method-assign]
+    failing = [await cache.speculate(_input(), 1) for _ in range(3)]
+    for _, probe in failing:
+        with pytest.raises(Unavailable) as caught:
+            await probe  # type: ignore[misc]
+        assert caught.value.code == "policy_unavailable"
+    await client.close()
