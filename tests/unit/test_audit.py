@@ -224,6 +224,33 @@ async def test_the_quota_refuses_gate_events_first_and_appends_nothing(tmp_path)
     await _close(spool, writer)
 
 
+async def test_events_that_come_a_few_loop_turns_apart_share_one_fsync(tmp_path, monkeypatch):
+    """Group commit under load: the writer lets the loop run a few turns before it takes a
+    batch (Spool.run_writer), so requests that append in those turns share its fsync; an
+    event alone is written once a few turns passed with nothing new."""
+    spool, writer = await _spool(tmp_path)
+    syncs: list[int] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(audit.os, "fdatasync",
+                        lambda fd: (syncs.append(fd), real_fdatasync(fd))[1])
+
+    async def request(n: int, turns: int) -> None:
+        for _ in range(turns):  # the rest of its work before its event
+            await asyncio.sleep(0)
+        await spool.append(_event(n=n), gate=True)
+
+    # Eight requests whose events come one loop turn after another: one batch, one fsync.
+    await asyncio.gather(*(request(n, turns=n) for n in range(8)))
+    assert len(syncs) == 1 and spool.durable_seq == 8
+    # One event alone is durable after the idle turns, in an fsync of its own.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await spool.append(_event(n=8), gate=True)
+    assert len(syncs) == 2 and loop.time() - started < 0.5
+    assert audit.LINGER_IDLE_TURNS < audit.LINGER_TURNS
+    await _close(spool, writer)
+
+
 async def test_a_failed_write_fails_its_batch_and_rewinds_the_chain(tmp_path, monkeypatch):
     spool, writer = await _spool(tmp_path)
     await spool.append(_event(n=0), gate=True)
