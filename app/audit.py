@@ -77,7 +77,8 @@ SCHEMA = "querygate.audit/v1"
 GENESIS = "sha256:" + "0" * 64
 SEGMENT_DIGITS = 20
 _SHIP_LINGER_S = 0.05
-# Event-loop turns the spool writer waits for more events while busy (Spool.run_writer).
+# Event-loop turns the spool writer lets run for more events before a batch, at most and
+# in a row with none (Spool.run_writer).
 LINGER_TURNS = 20
 LINGER_IDLE_TURNS = 6
 _MARKER_EVERY_S = 0.1
@@ -493,14 +494,13 @@ class Spool:
     async def run_writer(self) -> None:
         """Write and fsync whatever is queued, one batch per fsync (group commit).
 
-        While requests keep coming (events arrived during the last fsync), the writer lets
-        the event loop run ``LINGER_TURNS`` more times before it takes the batch: the
-        requests ready then append their events to it. An fsync here takes ~0.1 ms, less
-        than the gap between two events at 16 clients, so without it nearly every event had
-        an fsync, and a hand-off to the writer thread and back, of its own: 7 context
-        switches a write, against 3.5 with it (make bench). A turn with nothing else ready
-        costs microseconds, and an idle gateway (nothing came during the last fsync) does
-        not linger at all.
+        Before it takes a batch, the writer lets the event loop run up to ``LINGER_TURNS``
+        more times, and stops after ``LINGER_IDLE_TURNS`` turns in a row in which nothing
+        was appended: requests that were about to append join the batch. An fsync here
+        takes ~0.1 ms, less than the gap between two events at 16 clients, so without the
+        wait nearly every event had an fsync, and a hand-off to the writer thread and back,
+        of its own: 7.2 context switches a write, against 3.3 with it (docs/benchmarks.md).
+        A turn with nothing else ready costs microseconds, and nothing waits on a timer.
         """
         loop = asyncio.get_running_loop()
         while True:

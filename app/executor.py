@@ -280,10 +280,10 @@ async def _read_write(conn: asyncpg.Connection, reset: bool = False) -> AsyncIte
     given to the pool (``CleanSessions.reset``).
 
     With ``reset``, the COMMIT carries the pool's reset (asyncpg's own reset query, as the
-    server's capabilities make it) in the same Query message: one
-    round trip for both, where the pool would take a second. PostgreSQL runs the reset
-    only if the COMMIT succeeded (an error skips the rest of the message); the caller then
-    marks the session clean, and a session whose COMMIT failed is reset by the pool in full.
+    server's capabilities make it) in the same Query message: one round trip for both,
+    where the pool would take a second. PostgreSQL runs the reset only if the COMMIT
+    succeeded (an error skips the rest of the message); the caller then marks the session
+    clean, and a session whose COMMIT failed is reset by the pool in full.
     """
     await conn.execute("BEGIN READ WRITE")
     try:
