@@ -24,3 +24,23 @@ def test_a_serving_process_freezes_its_start_up_heap_and_raises_the_thresholds()
     assert before == [700, 10, 10]  # Python's defaults until then
     assert after == list(GC_THRESHOLDS)
     assert frozen > 10_000  # the imported modules are out of every collection's walk
+
+
+def test_querygate_serve_tunes_the_collector_before_it_serves(tmp_path):
+    # `querygate serve`'s one-process path, with uvicorn.run standing in for the server:
+    # nothing connects (the lifespan never starts).
+    settings = {"dev_mode": True, "environment": "dev",
+                "database_url": "postgresql://querygate@127.0.0.1:1/appdb",
+                "dev_signing_key_file": str(tmp_path / "dev-key.pem")}
+    probe = (
+        "import gc, json, uvicorn\n"
+        "from app import cli\n"
+        "from app.config import load_settings\n"
+        "seen = []\n"
+        "uvicorn.run = lambda app, **kw: seen.append(gc.get_threshold())\n"
+        f"cli._serve(load_settings(**{settings!r}))\n"
+        "print(json.dumps(seen))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == [list(GC_THRESHOLDS)]
