@@ -269,7 +269,7 @@ def _reads_only(conn: asyncpg.Connection) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _read_write(conn: asyncpg.Connection, reset: bool = False) -> AsyncIterator[None]:
+async def _read_write(conn: asyncpg.Connection, reset: bool) -> AsyncIterator[None]:
     """A READ WRITE transaction, whatever the session's default.
 
     asyncpg's ``transaction()`` can only add READ ONLY to its BEGIN, and a plain BEGIN is

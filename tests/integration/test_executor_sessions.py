@@ -255,8 +255,7 @@ def session_probe(admin_db: Any) -> Any:
     """A table whose trigger leaves session state behind (a setting and an advisory lock),
     as a trigger the gateway never sees may; a deferred check fails a COMMIT on demand."""
     admin_db.execute("DROP TABLE IF EXISTS session_probe CASCADE")
-    admin_db.execute("CREATE TABLE session_probe (id integer PRIMARY KEY, n integer, "
-                     "ok boolean DEFAULT true)")
+    admin_db.execute("CREATE TABLE session_probe (id integer PRIMARY KEY, n integer)")
     admin_db.execute("INSERT INTO session_probe SELECT g, 0 FROM generate_series(1, 5) g")
     admin_db.execute(
         "CREATE FUNCTION session_probe_dirty() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "

@@ -41,7 +41,7 @@ class ScriptedOpa:
         return self.active
 
     def next_revision(self) -> asyncio.Future[str | None]:
-        # A probe of its own per caller (PolicyClient shares them; tests/unit/test_policy*).
+        # A probe of its own per caller (PolicyClient shares them: the tests below).
         return asyncio.ensure_future(self.revision())
 
 
