@@ -228,7 +228,7 @@ def pieces(params: list[Any]) -> set[str]:
 # Leaves of an audit event that are the gateway's own identifiers, hashes or clocks: the
 # event's JSON is checked without them, so a hex digest cannot look like a parameter piece.
 _OWN = {"id", "seq", "prev", "prev_hash", "hash", "time", "ts", "fingerprint", "instance",
-        "instance_id", "durations_us", "expires_at", "bundle_revision", "source_ip"}
+        "instance_id", "chain", "durations_us", "expires_at", "bundle_revision", "source_ip"}
 
 
 def _strings(value: Any, key: str = "") -> list[str]:
