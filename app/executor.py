@@ -10,7 +10,9 @@
   came and the answer wants them, it runs again through a cursor; so do streams, reads on
   other sessions, and reads that need SET LOCAL ROLE or a prelude, in a READ ONLY
   transaction (BEGIN, Bind, Execute per batch, COMMIT). Writes and DDL run in
-  ``BEGIN READ WRITE`` … COMMIT, rolled back past their blast radius.
+  ``BEGIN READ WRITE`` … COMMIT, rolled back past their blast radius; a write whose
+  statement is cached sends its BEGIN in the flight of its Bind and Execute
+  (``_begin_bind_execute``), two round trips with the COMMIT.
 - ``statement_timeout`` is a setting of every pool connection (``connection_settings``), not
   a ``SET LOCAL`` per transaction: one round trip less per request (make bench), and no
   statement can change it, since SET and set_config() never pass the extractor and the pool's
@@ -269,7 +271,7 @@ def _reads_only(conn: asyncpg.Connection) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _read_write(conn: asyncpg.Connection, reset: bool) -> AsyncIterator[None]:
+async def _read_write(conn: asyncpg.Connection, reset: bool, begin: bool) -> AsyncIterator[None]:
     """A READ WRITE transaction, whatever the session's default.
 
     asyncpg's ``transaction()`` can only add READ ONLY to its BEGIN, and a plain BEGIN is
@@ -279,13 +281,17 @@ async def _read_write(conn: asyncpg.Connection, reset: bool) -> AsyncIterator[No
     back: asyncpg's pool runs its own ``Connection._reset()``, which does, before any reset
     given to the pool (``CleanSessions.reset``).
 
+    Without ``begin``, the body's first statement carries the BEGIN in its own flight
+    (``_begin_bind_execute``): one round trip less.
+
     With ``reset``, the COMMIT carries the pool's reset (asyncpg's own reset query, as the
     server's capabilities make it) in the same Query message: one round trip for both,
     where the pool would take a second. PostgreSQL runs the reset only if the COMMIT
     succeeded (an error skips the rest of the message); the caller then marks the session
     clean, and a session whose COMMIT failed is reset by the pool in full.
     """
-    await conn.execute("BEGIN READ WRITE")
+    if begin:
+        await conn.execute("BEGIN READ WRITE")
     try:
         yield
     except BaseException:
@@ -295,11 +301,69 @@ async def _read_write(conn: asyncpg.Connection, reset: bool) -> AsyncIterator[No
     await conn.execute(f"COMMIT;\n{conn.get_reset_query()}" if reset else "COMMIT")
 
 
-def _transaction(conn: asyncpg.Connection, readonly: bool,
-                 reset: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+def _transaction(conn: asyncpg.Connection, readonly: bool, reset: bool,
+                 begin: bool = True) -> contextlib.AbstractAsyncContextManager[Any]:
     # READ ONLY through asyncpg's own transaction, which also knows how to leave a stream's
     # transaction to the pool when its generator is closed after the connection went back.
-    return conn.transaction(readonly=True) if readonly else _read_write(conn, reset)
+    return conn.transaction(readonly=True) if readonly else _read_write(conn, reset, begin)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+# Parse, Bind and Execute of BEGIN READ WRITE on the unnamed statement and portal, and no
+# Sync: the head of a write's flight (_begin_bind_execute).
+_BEGIN_READ_WRITE = (
+    _message(b"P", b"\0BEGIN READ WRITE\0\0\0")  # unnamed, the text, no parameter types
+    + _message(b"B", b"\0\0" + b"\0\0" * 3)  # unnamed portal and statement, no formats or values
+    + _message(b"E", b"\0" + b"\0\0\0\0")  # unnamed portal, every row
+)
+
+
+async def _begin_bind_execute(
+    conn: asyncpg.Connection, statement: Any, args: list[Any]
+) -> tuple[list[Any], bytes | None, bool]:
+    """``BEGIN READ WRITE``, then the statement's Bind, Execute and Sync, in one flight.
+
+    A write needs its own transaction (its blast radius is checked before the COMMIT), and
+    asyncpg sends each call's messages and waits: BEGIN was a round trip of its own. Here
+    the BEGIN's extended-protocol messages go out first, without a Sync, and asyncpg's
+    Bind, Execute and Sync right behind them on the same socket, before anything else can
+    (no await in between). PostgreSQL runs them in order: a BEGIN that fails skips the
+    statement (everything up to the Sync is skipped after an error); a statement that fails
+    leaves the transaction aborted, and the caller's ROLLBACK ends it. asyncpg reads the
+    answers as one Bind/Execute's (it skips the BEGIN's ParseComplete and BindComplete, and
+    keeps the last command tag, the statement's), and its ReadyForQuery says the session is
+    now in a transaction. Returns what ``_bind_execute`` does; every row (a write runs to
+    completion).
+
+    One case is handled here: asyncpg refusing the call before its messages went out (an
+    argument its codec cannot encode, say an int4 out of range), which ``queries_count``
+    shows, since asyncpg counts a query once it is sent. The BEGIN is then on the server
+    with no Sync behind it; a simple Query's ``ROLLBACK`` ends it (asyncpg skips the BEGIN's
+    answers until that query's ReadyForQuery), and a session that cannot take even that is
+    closed.
+    """
+    async def flight(protocol: Any) -> tuple[list[Any], bytes | None, bool]:
+        # A cancelled earlier call must be over before anything is sent, as asyncpg's own
+        # calls wait for it first.
+        await protocol._wait_for_cancellation()
+        sent = protocol.queries_count
+        conn._transport.write(_BEGIN_READ_WRITE)
+        try:
+            return await protocol.bind_execute(  # type: ignore[no-any-return]
+                statement._state, args, "", 0, True, None
+            )
+        except BaseException:
+            if protocol.queries_count == sent and _open(conn):
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    conn.terminate()
+            raise
+
+    return await statement._PreparedStatement__do_execute(flight)  # type: ignore[no-any-return]
 
 
 class CleanSessions:
@@ -424,19 +488,26 @@ class Executor:
 
     @contextlib.asynccontextmanager
     async def _in_transaction(
-        self, conn: asyncpg.Connection, target: Target, facts: QueryFacts
+        self, conn: asyncpg.Connection, target: Target, facts: QueryFacts,
+        *, deferred: bool = False,
     ) -> AsyncIterator[tuple[Any, tuple[Column, ...]]]:
         """``target.sql`` prepared and cross-checked in a transaction: READ ONLY for a read,
-        READ WRITE otherwise; ``prelude`` and ``db_role`` take effect in it."""
+        READ WRITE otherwise; ``prelude`` and ``db_role`` take effect in it.
+
+        ``deferred`` (a write with neither): the statement is prepared and checked first,
+        and the caller's ``_begin_bind_execute`` carries the BEGIN.
+        """
         readonly = _reads(facts)
-        async with _transaction(conn, readonly, reset=self._sessions is not None):
+        assert not deferred or (not readonly and _one_trip(target))
+        checked = await _checked(conn, target, facts) if deferred else None
+        async with _transaction(conn, readonly, self._sessions is not None, not deferred):
             if target.prelude is not None:
                 await target.prelude(conn)
             if target.db_role is not None:
                 # Least privilege in the database as well: the decision's role, for this
                 # transaction only. The name was validated as a plain identifier.
                 await conn.execute(f'SET LOCAL ROLE "{target.db_role}"')
-            yield await _checked(conn, target, facts)
+            yield checked if checked is not None else await _checked(conn, target, facts)
         if self._sessions is not None:
             # Committed: a read left nothing to reset (CleanSessions), and a write's COMMIT
             # carried the reset (_read_write).
@@ -501,7 +572,12 @@ class Executor:
                     # start, through a cursor in a READ ONLY transaction: safe, as a read
                     # cannot write, and the answer is the second run's alone (one snapshot).
                     answer = answer.restarted()
-                async with self._in_transaction(conn, target, facts) as (statement, columns):
+                # A write's BEGIN goes in the flight of its Bind and Execute, once its
+                # statement is prepared.
+                deferred = writes and _one_trip(target) and _prepared(conn, target.sql)
+                async with self._in_transaction(
+                    conn, target, facts, deferred=deferred
+                ) as (statement, columns):
                     mask = clock.plan(masks, facts, columns)
                     args = bind_params(params, statement.get_parameters())
                     if columns and not writes:
@@ -513,11 +589,15 @@ class Executor:
                             async for batch in batches:
                                 if not answer.add(clock.apply(mask, batch)):
                                     break
+                        status = statement.get_statusmsg() or ""
                     else:
                         # A write runs to completion whatever is fetched; fetching it all
                         # gives the status that says how many rows it touched.
-                        rows = await statement.fetch(*args)
-                    status = statement.get_statusmsg() or ""
+                        rows, tag, _ = await (
+                            _begin_bind_execute(conn, statement, args) if deferred
+                            else _bind_execute(statement, args, 0)
+                        )
+                        status = tag.decode() if tag else ""
                     affected = _affected(status, facts)
                     if (
                         writes
@@ -626,6 +706,20 @@ class Executor:
 def _reads(facts: QueryFacts) -> bool:
     """Whether the facts say the statement only reads (it then runs where it cannot write)."""
     return facts.kind == "select" and not facts.tables_write
+
+
+def _prepared(conn: asyncpg.Connection, sql: str) -> bool:
+    """Whether ``_prepare`` would take ``sql`` from the connection's cache, sending nothing.
+
+    A statement prepared now is parsed in a transaction of its own that asyncpg leaves open
+    (Parse, Describe and Flush, no Sync), and the parse takes a snapshot: a BEGIN READ WRITE
+    after it fails ("transaction read-write mode must be set before any query"). So only
+    a cached statement may be prepared before the BEGIN (``_begin_bind_execute``); any
+    other is prepared inside the transaction, after a BEGIN of its own. The key is
+    asyncpg's, as ``Connection._get_statement`` looks it up for ``_prepare``.
+    """
+    key = (sql, conn._protocol.get_record_class(), False)
+    return bool(conn._stmt_cache.has(key))
 
 
 def _one_trip(target: Target) -> bool:

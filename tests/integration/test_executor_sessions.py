@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.errors import RequestTimeout
+from app.errors import Forbidden, GatewayError, RequestTimeout
 from app.executor import CleanSessions, Executor, connection_settings
 from app.facts import Output, QueryFacts
 from app.results import encode_row
@@ -276,6 +276,13 @@ def session_probe(admin_db: Any) -> Any:
     admin_db.execute("DROP FUNCTION IF EXISTS session_probe_dirty(), session_probe_check()")
 
 
+async def left_behind(conn: asyncpg.Connection) -> tuple[str, int]:
+    """What session_probe's trigger leaves: application_name, and advisory locks held."""
+    return (str(await conn.fetchval("SHOW application_name")),
+            await conn.fetchval("SELECT count(*) FROM pg_locks "
+                                "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"))
+
+
 def test_a_committed_write_carries_the_reset_in_its_commit(wire, session_probe):
     """A write's COMMIT and the pool's reset go in one Query message (one round trip, not
     two), and the session it leaves is as clean as the pool's reset would have left it: the
@@ -286,9 +293,7 @@ def test_a_committed_write_carries_the_reset_in_its_commit(wire, session_probe):
         with wire.recording() as sent:
             result = await executor.run(executor.target(sql), [1], WRITE_FACTS, 10)
         async with pool.acquire() as conn:
-            state = (str(await conn.fetchval("SHOW application_name")),
-                     await conn.fetchval("SELECT count(*) FROM pg_locks "
-                                         "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"),
+            state = (*await left_behind(conn),
                      str(await conn.fetchval("SHOW default_transaction_read_only")))
         return result, sent, state
 
@@ -322,3 +327,99 @@ def test_a_write_whose_commit_fails_is_reset_by_the_pool(wire, session_probe):
     assert queries[-2].startswith("COMMIT;"), sent
     assert queries[-1].startswith("SELECT pg_advisory_unlock_all()"), sent  # the pool's own
     assert name != "dirty" and n == 0
+
+
+# A write's first flight: BEGIN READ WRITE (Parse, Bind, Execute), then the statement's
+# Bind, Execute and the one Sync.
+FLIGHT = [("P", "BEGIN READ WRITE"), ("B", ""), ("E", ""), ("B", ""), ("E", ""), ("S", "")]
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["read-only-sessions",
+                                                          "read-write-sessions"])
+def test_a_prepared_write_sends_its_begin_in_the_statements_flight(wire, session_probe, read_only):
+    """A write's BEGIN READ WRITE goes out with its Bind and Execute, and one Sync: two
+    round trips with the COMMIT. The first time, the statement is not prepared yet, and its
+    Parse would take a snapshot before the BEGIN (which then fails): the BEGIN is a Query of
+    its own, and the statement is prepared inside the transaction. Either way the write
+    commits, and the trigger's session state is gone before the next use."""
+    sql = "UPDATE session_probe SET n = n + 1 WHERE id = $1"
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        with wire.recording() as first:
+            one = await executor.run(executor.target(sql), [3], WRITE_FACTS, 10)
+        with wire.recording() as second:
+            two = await executor.run(executor.target(sql), [3], WRITE_FACTS, 10)
+        async with pool.acquire() as conn:
+            state = (*await left_behind(conn), conn.is_in_transaction(),
+                     await conn.fetchval("SELECT n FROM session_probe WHERE id = 3"))
+        return one, first, two, second, state
+
+    one, first, two, second, state = with_executor(wire.dsn, body, read_only=read_only)
+    assert one.rows_affected == 1 and two.rows_affected == 1
+    assert first[0] == ("Q", "BEGIN READ WRITE") and first[1][0] == "P", first
+    assert second[:6] == FLIGHT, second
+    assert [kind for kind, _ in second[6:]] == ["Q"], second
+    assert second[6][1].startswith("COMMIT;\n") and "RESET ALL" in second[6][1], second
+    name, locks, in_transaction, n = state
+    assert name != "dirty" and locks == 0 and not in_transaction and n == 2
+
+
+def test_a_write_past_its_blast_radius_in_one_flight_rolls_back(wire, session_probe):
+    """The statement ran in the flight's transaction: the row count is over the limit, and
+    the ROLLBACK undoes it, as with a BEGIN of its own."""
+    sql = "UPDATE session_probe SET n = n + 1 WHERE id <= $1"
+    facts = QueryFacts(fingerprint="sha256:radius", kind="update",
+                       tables_write=("public.session_probe",), param_count=1)
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        await executor.run(executor.target(sql), [0], facts, 10, max_rows_affected=2)
+        with wire.recording() as sent:
+            with pytest.raises(Forbidden) as refused:
+                await executor.run(executor.target(sql), [4], facts, 10, max_rows_affected=2)
+        async with pool.acquire() as conn:
+            total = await conn.fetchval("SELECT sum(n) FROM session_probe")
+        return refused.value, sent, total
+
+    refused, sent, total = with_executor(wire.dsn, body)
+    assert refused.code == "blast_radius_exceeded" and refused.extra["rows_affected"] == 4
+    assert sent[:6] == FLIGHT, sent
+    assert sent[6] == ("Q", "ROLLBACK"), sent
+    assert total == 0
+
+
+@pytest.mark.parametrize(
+    ("sql", "bad", "before_rollback", "code"),
+    [
+        # The statement fails after the flight's BEGIN: the transaction is aborted.
+        ("UPDATE session_probe SET n = n + 10 / ($1 - 777) WHERE id = 4", 777, FLIGHT,
+         "database_error"),
+        # asyncpg refuses an argument its codec cannot encode (an int4 out of range) only
+        # when the call starts, after the flight's BEGIN went out alone: with no Sync behind
+        # it, the session would wait in a transaction.
+        ("UPDATE session_probe SET n = $1 WHERE id = 4", 2**40, FLIGHT[:3], "invalid_parameters"),
+    ],
+    ids=["fails-on-the-server", "cannot-be-encoded"],
+)
+def test_a_write_that_fails_in_its_flight_rolls_back_and_leaves_a_usable_session(
+    wire, session_probe, sql, bad, before_rollback, code
+):
+    """Either way a ROLLBACK Query ends the transaction, the caller gets the error (without
+    the value), and the session serves the next write."""
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        await executor.run(executor.target(sql), [782], WRITE_FACTS, 10)  # prepared
+        with wire.recording() as sent:
+            with pytest.raises(GatewayError) as failed:
+                await executor.run(executor.target(sql), [bad], WRITE_FACTS, 10)
+        after = await executor.run(executor.target(sql), [787], WRITE_FACTS, 10)
+        async with pool.acquire() as conn:
+            n = await conn.fetchval("SELECT n FROM session_probe WHERE id = 4")
+        return failed.value, sent, after, n
+
+    failed, sent, after, n = with_executor(wire.dsn, body)
+    assert failed.code == code, failed.body("r")
+    assert str(bad) not in str(failed.body("r"))
+    assert sent[: len(before_rollback)] == before_rollback, sent
+    assert sent[len(before_rollback)] == ("Q", "ROLLBACK"), sent
+    assert after.rows_affected == 1
+    # 0 + 10/5, then + 10/10; or set to 782, then 787: the bad one changed nothing.
+    assert n in (3, 787)

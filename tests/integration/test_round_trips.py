@@ -49,10 +49,11 @@ def test_a_masked_read_costs_one_round_trip(wired, alice, db):
     assert round_trips(sent) == 1
 
 
-def test_a_write_still_runs_in_a_read_write_transaction(wired, dana, db):
-    """Sessions that run callers' statements are read only by default; a write says READ
-    WRITE in the BEGIN it always had, and its COMMIT carries the pool's reset: three round
-    trips, where it took four (the reset was one of its own)."""
+def test_a_write_runs_in_a_read_write_transaction_in_two_round_trips(wired, dana, db):
+    """Sessions that run callers' statements are read only by default, so a write says READ
+    WRITE in its own BEGIN. The BEGIN goes out in the flight of the statement's Bind and
+    Execute, without a Sync of its own, and the COMMIT carries the pool's reset: two round
+    trips, where it took four (BEGIN and the reset were a round trip each)."""
     wire, gateway = wired
     before = db.fetchval("SELECT status FROM orders WHERE id = 33")
     sql = "UPDATE orders SET status = $1 WHERE id = 33"
@@ -61,14 +62,16 @@ def test_a_write_still_runs_in_a_read_write_transaction(wired, dana, db):
         with wire.recording() as sent:
             response = gateway.query(sql, dana, ["round-trip"])
         assert response.status_code == 200, response.text
-        assert response.json()["rows_affected"] == 1
+        assert response.json()["rows_affected"] == 1  # the statement's tag, not the BEGIN's
         assert db.fetchval("SELECT status FROM orders WHERE id = 33") == "round-trip"
+        # One flight: BEGIN READ WRITE (Parse, Bind, Execute), the statement's Bind and
+        # Execute, one Sync. Then COMMIT with the reset.
+        assert sent[:6] == [("P", "BEGIN READ WRITE"), ("B", ""), ("E", ""),
+                            ("B", ""), ("E", ""), ("S", "")], sent
         queries = [text for kind, text in sent if kind == "Q"]
-        assert queries[0] == "BEGIN READ WRITE", sent
-        assert queries[1].startswith("COMMIT;\n") and queries[1].endswith("RESET ALL;"), sent
-        assert len(queries) == 2, sent
-        # BEGIN, Bind/Execute, and COMMIT with the reset.
-        assert round_trips(sent) == 3, sent
+        assert len(queries) == 1 and queries[0].startswith("COMMIT;\n"), sent
+        assert queries[0].endswith("RESET ALL;"), sent
+        assert round_trips(sent) == 2, sent
     finally:
         db.execute(f"UPDATE orders SET status = '{before}' WHERE id = 33")
 

@@ -45,7 +45,8 @@ class Wire:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list[tuple[str, str]]]:
-        """The messages every client sends meanwhile: (type, SQL text for a Query, else "")."""
+        """The messages every client sends meanwhile: (type, SQL text for a Query or a
+        Parse, else "")."""
         sent: list[tuple[str, str]] = []
         with self._lock:
             self._sent = sent
@@ -114,7 +115,12 @@ class Wire:
                         break
                     body = buffer[5 : 1 + length]
                     buffer = buffer[1 + length :]
-                    text = body.rstrip(b"\x00").decode() if kind == "Q" else ""
+                    if kind == "Q":
+                        text = body.rstrip(b"\x00").decode()
+                    elif kind == "P":  # the statement's name, then its text
+                        text = body.split(b"\x00", 2)[1].decode()
+                    else:
+                        text = ""
                     with self._lock:
                         if self._sent is not None:
                             self._sent.append((kind, text))
