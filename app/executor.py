@@ -295,6 +295,11 @@ async def _read_write(conn: asyncpg.Connection, reset: bool, begin: bool) -> Asy
     try:
         yield
     except BaseException:
+        if _open(conn):
+            # A flight cancelled before its answers came (the caller went away) still shows
+            # the session as it was before its BEGIN: asyncpg's cancellation ends first, as
+            # asyncpg's own calls wait for it, and then the session says where it is.
+            await conn._protocol._wait_for_cancellation()
         if _open(conn) and conn.is_in_transaction():
             await conn.execute("ROLLBACK")
         raise
@@ -319,6 +324,9 @@ _BEGIN_READ_WRITE = (
     + _message(b"B", b"\0\0" + b"\0\0" * 3)  # unnamed portal and statement, no formats or values
     + _message(b"E", b"\0" + b"\0\0\0\0")  # unnamed portal, every row
 )
+
+
+_ROLLBACK_TIMEOUT_S = 1.0
 
 
 async def _begin_bind_execute(
@@ -358,7 +366,9 @@ async def _begin_bind_execute(
         except BaseException:
             if protocol.queries_count == sent and _open(conn):
                 try:
-                    await conn.execute("ROLLBACK")
+                    # Bounded: a BEGIN that failed (say, a cancel request landing on it)
+                    # makes the server skip everything up to a Sync, this Query too.
+                    await conn.execute("ROLLBACK", timeout=_ROLLBACK_TIMEOUT_S)
                 except Exception:
                     conn.terminate()
             raise
@@ -470,6 +480,10 @@ class Executor:
         except (GatewayError, asyncpg.InvalidCachedStatementError):
             raise
         except asyncpg.PostgresError as exc:
+            if watchdog is not None and watchdog.fired:
+                # A call cut off by the deadline (asyncpg raises ConnectionDoesNotExistError,
+                # class 08, for a call in flight on a terminated connection).
+                raise _past_deadline() from None
             raise _server_error(exc) from exc
         except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             if watchdog is not None and watchdog.fired:

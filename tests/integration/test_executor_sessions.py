@@ -423,3 +423,94 @@ def test_a_write_that_fails_in_its_flight_rolls_back_and_leaves_a_usable_session
     assert after.rows_affected == 1
     # 0 + 10/5, then + 10/10; or set to 782, then 787: the bad one changed nothing.
     assert n in (3, 787)
+
+
+SLOW_WRITE = "UPDATE session_probe SET n = n + (SELECT 1 FROM pg_sleep($2::float8)) WHERE id = $1"
+SLOW_FACTS = QueryFacts(fingerprint="sha256:slow", kind="update",
+                        tables_write=("public.session_probe",), param_count=2)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["own-begin", "in-the-flight"])
+def test_a_write_cut_by_its_deadline_is_a_timeout_and_changes_nothing(postgres, session_probe,
+                                                                       cached):
+    """The watchdog closes the connection under the write: the answer is 504 request_timeout
+    (not the 503 of a lost database, which asyncpg's ConnectionDoesNotExistError would map
+    to), and nothing was committed."""
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        if cached:
+            await executor.run(executor.target(SLOW_WRITE), [2, 0], SLOW_FACTS, 10)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(GatewayError) as cut:
+            await executor.run(executor.target(SLOW_WRITE), [1, 0.6], SLOW_FACTS, 10,
+                               deadline=loop.time() + 0.2)
+        await asyncio.sleep(0.8)  # the backend's statement is over, its client long gone
+        async with pool.acquire() as conn:
+            n = await conn.fetchval("SELECT n FROM session_probe WHERE id = 1")
+        return cut.value, n
+
+    cut, n = with_executor(postgres.app_dsn, body)
+    assert (cut.code, cut.status) == ("request_timeout", 504), cut.body("r")
+    assert n == 0
+
+
+def test_a_cancelled_write_is_rolled_back_by_the_executor(wire, session_probe):
+    """A caller that goes away mid-flight cancels the request's task: the executor waits for
+    asyncpg's cancellation, sees the transaction the flight began, and rolls it back itself,
+    so the pool gets a session outside any transaction (it would roll back one all the same,
+    and log an error for it)."""
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        complaints: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: complaints.append(ctx))
+        await executor.run(executor.target(SLOW_WRITE), [2, 0], SLOW_FACTS, 10)
+        with wire.recording() as sent:
+            task = asyncio.create_task(
+                executor.run(executor.target(SLOW_WRITE), [1, 0.5], SLOW_FACTS, 10))
+            await asyncio.sleep(0.15)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        async with pool.acquire() as conn:
+            n = await conn.fetchval("SELECT n FROM session_probe WHERE id = 1")
+        return sent, n, complaints
+
+    sent, n, complaints = with_executor(wire.dsn, body)
+    assert sent[:6] == FLIGHT, sent
+    assert ("Q", "ROLLBACK") in sent[6:], sent
+    assert n == 0
+    assert not complaints, complaints
+
+
+def test_a_refused_argument_behind_a_failed_begin_is_bounded(wire, session_probe, monkeypatch):
+    """The flight's head failed on the server (here swapped for one that always fails, as a
+    cancel request landing on the BEGIN would), and asyncpg refused the argument: the
+    server now skips everything until a Sync, the ROLLBACK Query too. It waits a bounded
+    time, the connection is closed, and the caller gets the parameter error, not a wait
+    until the deadline."""
+    from app import executor as executor_module
+
+    sql = "UPDATE session_probe SET n = $1 WHERE id = 4"
+    parse = executor_module._message(b"P", b"\0BEGIN READ WRITE\0\0\0")
+    assert executor_module._BEGIN_READ_WRITE.startswith(parse)
+    failing = (executor_module._message(b"P", b"\0SELECT 1/0\0\0\0")
+               + executor_module._BEGIN_READ_WRITE[len(parse):])
+
+    async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
+        await executor.run(executor.target(sql), [1], WRITE_FACTS, 10)  # prepared
+        monkeypatch.setattr(executor_module, "_BEGIN_READ_WRITE", failing)
+        monkeypatch.setattr(executor_module, "_ROLLBACK_TIMEOUT_S", 0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(GatewayError) as refused:
+            await executor.run(executor.target(sql), [2**40], WRITE_FACTS, 10,
+                               deadline=started + 5)
+        took = loop.time() - started
+        monkeypatch.undo()
+        after = await executor.run(executor.target(sql), [3], WRITE_FACTS, 10)
+        return refused.value, took, after
+
+    refused, took, after = with_executor(wire.dsn, body)
+    assert refused.code == "invalid_parameters", refused.body("r")
+    assert took < 2, took
+    assert after.rows_affected == 1
