@@ -73,7 +73,8 @@ NEVER = re.compile(
 DECOMPILERS = re.compile(
     r"^pg_get_(expr|constraintdef|indexdef|viewdef|triggerdef|ruledef|partkeydef|"
     r"partition_constraintdef|statisticsobjdef_columns|function_arguments|"
-    r"function_identity_arguments|function_result|userbyid|keywords|serial_sequence)$"
+    r"function_identity_arguments|function_result|function_sqlbody|userbyid|keywords|"
+    r"serial_sequence)$|^pg_describe_object$"
 )
 
 
@@ -98,7 +99,10 @@ def relations(tree: dict[str, Any]) -> tuple[str, ...] | None:
             return None
         found.add(f"{schema}.{relname}")
     if not found:
-        return None
+        # No relation at all: a catalog query only when it calls a guarded function (psql's
+        # \d+ asks for a view's definition so: SELECT pg_get_viewdef('16749'::oid, true)),
+        # which then answers for what the caller's views keep, as in any catalog query.
+        return () if GUARDED_FUNCTIONS.intersection(functions(tree)) else None
     never = sorted(r for r in found if NEVER.match(r) or (
         r.startswith("pg_catalog.") and r.split(".", 1)[1] not in CATALOG_VIEWS) or (
         r.startswith("information_schema.") and r.split(".", 1)[1] not in INFORMATION_VIEWS))
@@ -445,6 +449,9 @@ CATALOG_FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("pg_get_function_arguments", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
     ("pg_get_function_identity_arguments", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
     ("pg_get_function_result", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
+    ("pg_get_function_sqlbody", "v oid", "text", f"{CATALOG_SCHEMA}.proc_visible(v)"),
+    # psql's \dx+: what an extension's member objects are, by catalog and id.
+    ("pg_describe_object", "cls oid, v oid, sub integer", "text", f"{_O}(cls, v)"),
     ("pg_get_indexdef", "v oid", "text", f"{_V}(v)"),
     ("pg_get_indexdef", "v oid, col integer, pretty boolean", "text", f"{_V}(v)"),
     ("pg_get_partition_constraintdef", "v oid", "text", f"{_V}(v)"),
@@ -468,7 +475,13 @@ CATALOG_FUNCTIONS: tuple[tuple[str, str, str, str], ...] = (
      f"{_V}(v) AND {_V}(pg_catalog.pg_partition_root(v))"),
     ("pg_relation_size", "v regclass", "bigint", f"{_V}(v)"),
     ("pg_relation_size", "v regclass, fork text", "bigint", f"{_V}(v)"),
+    ("pg_table_size", "v regclass", "bigint", f"{_V}(v)"),
+    ("pg_indexes_size", "v regclass", "bigint", f"{_V}(v)"),
     ("pg_total_relation_size", "v regclass", "bigint", f"{_V}(v)"),
+    # psql's \l+: the size of the database it is connected to only (the views keep no other).
+    ("pg_database_size", "v name", "bigint", "v = pg_catalog.current_database()"),
+    ("pg_database_size", "v oid", "bigint", "v = (SELECT d.oid FROM pg_catalog.pg_database d "
+     "WHERE d.datname = pg_catalog.current_database())"),
     ("shobj_description", "v oid, cat name", "text",
      f"(cat = 'pg_authid' AND {_ROLE}(v)) OR cat = 'pg_tablespace' OR (cat = 'pg_database' "
      "AND v = (SELECT d.oid FROM pg_catalog.pg_database d "

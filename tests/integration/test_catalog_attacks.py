@@ -55,13 +55,16 @@ def hidden(db) -> Iterator[None]:
         CREATE FUNCTION public.bonus_formula() RETURNS text LANGUAGE sql
             AS $$SELECT 'prosrc-secret-555'$$;
         REVOKE EXECUTE ON FUNCTION public.bonus_formula() FROM PUBLIC;
+        CREATE FUNCTION public.bonus_body() RETURNS text LANGUAGE sql
+            RETURN 'sqlbody-secret-321';
+        REVOKE EXECUTE ON FUNCTION public.bonus_body() FROM PUBLIC;
         CREATE SCHEMA usable_hidden;
         GRANT USAGE ON SCHEMA usable_hidden TO PUBLIC;
         CREATE TABLE usable_hidden.raises (emp int);
     """)
     yield
     db.execute("DROP SCHEMA vault_hidden CASCADE; DROP SCHEMA usable_hidden CASCADE; "
-               "DROP FUNCTION public.bonus_formula()")
+               "DROP FUNCTION public.bonus_formula(); DROP FUNCTION public.bonus_body()")
 
 
 def alice_rows(pg: Any, keys: Any, sql: str) -> list[tuple[Any, ...]]:
@@ -208,7 +211,9 @@ def test_an_object_id_cast_names_no_hidden_object(pg, keys, hidden, cast, name):
 
 
 @pytest.mark.parametrize("command", ["\\d customers", "\\dv", "\\dn+", "\\df", "\\dT", "\\l",
-                                     "\\dx", "\\dS+ pg_class", "\\d+ pg_catalog.pg_class"])
+                                     "\\dx", "\\dS+ pg_class", "\\d+ pg_catalog.pg_class",
+                                     "\\d+ customers", "\\d+", "\\dt+", "\\dv+", "\\l+",
+                                     "\\sv customers", "\\df+", "\\dx+"])
 def test_psql_describes_what_the_caller_may_see_through_the_filtered_functions(
         pg, keys, hidden, command):
     """psql's describe commands call the decompilers, obj_description, format_type and
@@ -229,3 +234,58 @@ def test_psql_describes_what_the_caller_may_see_through_the_filtered_functions(
 def test_acls_name_no_role_the_caller_cannot_see(pg, keys):
     rows = alice_rows(pg, keys, "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'public'")
     assert "querygate_raw" not in str(rows), rows
+
+
+@pytest.mark.parametrize("call, hidden_object", [
+    # What psql's \d+ of a view asks, with no catalog in FROM at all: the view's definition.
+    ("pg_catalog.pg_get_viewdef({ceo}::oid, true)", "ceo"),
+    ("pg_get_viewdef({ceo}::oid)", "ceo"),
+    # \d+, \dt+, \l+: sizes; \df+: a SQL-standard function's body; \dx+: an object's name.
+    ("pg_catalog.pg_table_size({bonuses}::oid)", "bonuses"),
+    ("pg_indexes_size({bonuses}::oid)", "bonuses"),
+    ("pg_total_relation_size({bonuses}::oid)", "bonuses"),
+    ("pg_catalog.pg_get_function_sqlbody({body}::oid)", "bonus_body"),
+    ("pg_catalog.pg_describe_object('pg_catalog.pg_class'::regclass, {bonuses}, 0)", "bonuses"),
+    ("pg_catalog.obj_description({bonuses}::oid, 'pg_class')", "bonuses"),
+    ("pg_catalog.pg_database_size('postgres')", "the postgres database"),
+])
+def test_a_catalog_function_without_a_catalog_in_from_answers_only_for_what_the_caller_sees(
+        pg, keys, hidden, db, call, hidden_object):
+    """A catalog function called with no catalog in FROM (psql's \\d+ of a view asks for its
+    definition so) is a catalog query too: it calls querygate_catalog's function, which
+    answers NULL for an object the caller's views do not keep, as in any catalog query.
+    Tried by id, over the wire and over HTTP."""
+    ids = {
+        "ceo": db.fetchval("SELECT 'vault_hidden.ceo'::regclass::oid"),
+        "bonuses": db.fetchval("SELECT 'vault_hidden.bonuses'::regclass::oid"),
+        "body": db.fetchval("SELECT 'public.bonus_body'::regproc::oid"),
+    }
+    assert db.fetchval("SELECT " + call.format(**ids)) is not None  # PostgreSQL's own answers
+    sql = "SELECT " + call.format(**ids)
+    assert alice_rows(pg, keys, sql) == [(None,)], (sql, hidden_object)
+    assert over_http(pg, keys, sql) == [[None]], (sql, hidden_object)
+
+
+def test_a_catalog_function_without_a_catalog_in_from_describes_what_the_caller_sees(pg, keys):
+    rows = alice_rows(pg, keys, (
+        "SELECT pg_catalog.pg_get_viewdef(c.oid, true), pg_catalog.pg_table_size(c.oid) "
+        "FROM pg_catalog.pg_class c WHERE c.relname = 'customers'"))
+    assert len(rows) == 1 and "FROM public.customers" in rows[0][0], rows
+    oid = alice_rows(pg, keys, "SELECT c.oid FROM pg_catalog.pg_class c "
+                               "WHERE c.relname = 'customers'")[0][0]
+    assert alice_rows(pg, keys, f"SELECT pg_get_viewdef({oid}::oid, true)") == [(rows[0][0],)]
+    size = alice_rows(pg, keys, "SELECT pg_database_size(current_database())")[0][0]
+    assert isinstance(size, int) and size > 0
+
+
+@pytest.mark.parametrize("sql", [
+    # A table of the caller's beside the catalog function: not a catalog query, refused.
+    "SELECT pg_get_viewdef(16384::oid), (SELECT ssn FROM customers LIMIT 1)",
+    "SELECT pg_get_viewdef(x.id::oid) FROM customers x",
+    # A decompiler that is not guarded stays refused without a catalog too.
+    "SELECT pg_get_functiondef(16384::oid)",
+])
+def test_a_catalog_function_beside_anything_else_is_refused(pg, keys, sql):
+    with pytest.raises(psycopg.Error) as refused:
+        alice_rows(pg, keys, sql)
+    assert refused.value.sqlstate == "42501", refused.value

@@ -4,6 +4,7 @@ how it is pointed at the views of what the caller may see."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,35 @@ def test_setting_parameters(value, allowed):
             introspection.check_setting_parameters((1,), [value])
     with pytest.raises(Forbidden):  # a number past the parameters given
         introspection.check_setting_parameters((2,), [value])
+
+
+def test_every_decompiler_a_catalog_query_may_call_is_guarded():
+    """A decompiler is exempt from the never-allowed list in a catalog query only, where it
+    is called in querygate_catalog; one that takes an object id and is not guarded would
+    read the unfiltered catalogs. pg_get_keywords takes none."""
+    alternatives = re.search(r"\^pg_get_\(([^)]*)\)", introspection.DECOMPILERS.pattern)
+    assert alternatives is not None
+    names = ["pg_get_" + name for name in alternatives.group(1).split("|")]
+    names += [part.strip("^$") for part in introspection.DECOMPILERS.pattern.split("|")
+              if part.startswith("^pg_") and "(" not in part]
+    assert "pg_describe_object" in names and "pg_get_function_sqlbody" in names, names
+    assert all(introspection.DECOMPILERS.match(name) for name in names)
+    assert set(names) - {"pg_get_keywords"} <= introspection.GUARDED_FUNCTIONS
+
+
+@pytest.mark.parametrize("sql, relations", [
+    # No relation at all, but a guarded function: a catalog query (psql's \d+ of a view).
+    ("SELECT pg_catalog.pg_get_viewdef('16749'::pg_catalog.oid, true)", ()),
+    ("SELECT pg_table_size(1::oid), pg_size_pretty(1::bigint)", ()),
+    ("SELECT t.d FROM generate_series(1, 3) g, LATERAL pg_get_viewdef(g::oid) t(d)", ()),
+    # Nothing guarded, or the guarded schema named directly: not a catalog query.
+    ("SELECT 1", None),
+    ("SELECT * FROM pg_get_keywords()", None),
+    ("SELECT querygate_catalog.pg_get_viewdef(1::oid)", None),
+    ("SELECT pg_get_functiondef(1::oid)", None),
+    # A table of the caller's besides: not a catalog query either.
+    ("SELECT pg_get_viewdef(1::oid) FROM customers", None),
+])
+def test_a_query_without_relations_is_a_catalog_query_only_with_a_guarded_function(
+        sql, relations):
+    assert introspection.relations(grammar.parse_tree(sql)) == relations
