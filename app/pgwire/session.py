@@ -950,6 +950,10 @@ class Session:
         if portal.budget is not None:
             _free(portal.budget)
             portal.budget = None
+        if portal.auth is not None and portal.auth.allowance is not None:
+            # A row budget's reservation: what reached the client counts, the rest goes back
+            # (a completed portal settled it already; a failed or abandoned one, here).
+            portal.auth.allowance.settle(portal.sent)
         if portal.audit is not None and portal.auth is not None and not portal.done:
             portal.audit.aborted(rows_returned=portal.sent)
             portal.auth = None

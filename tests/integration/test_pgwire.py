@@ -282,3 +282,49 @@ def test_current_setting_of_a_readable_setting_works(pg, keys):
     assert asyncio.run(with_asyncpg())
     over_http = pg.query(sql, {"authorization": f"Bearer {token}"}, ["search_path"])
     assert over_http.status_code == 200, over_http.text
+
+
+# --- a row budget on the wire ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def budget_wire(make_gateway, tmp_path_factory) -> Iterator[Any]:
+    """A gateway whose policy gives wire callers an agent's budget of 5 rows an hour (the
+    shipped one gives it to MCP callers only): a policy may, and the wire must count it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from app.devstack import start_opa
+
+    policy = tmp_path_factory.mktemp("wire-budget-policy") / "rego"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "rego", policy)
+    agents = policy / "querygate" / "agents.rego"
+    agents.write_text(agents.read_text().replace(
+        'is_agent if input.request.channel == "mcp"',
+        'is_agent if input.request.channel == "mcp"\n\nis_agent if input.request.channel == "pgwire"'))
+    data = policy / "querygate" / "config" / "data.json"
+    config = json.loads(data.read_text())
+    config["agents"]["rows_per_hour"] = 5
+    data.write_text(json.dumps(config))
+    opa = start_opa([policy])
+    yield make_gateway(opa_url=opa.url, pg_port=free_port(), dev_mode=True)
+    opa.stop()
+
+
+def test_a_failed_statement_on_the_wire_gives_its_row_budget_back(budget_wire, keys):
+    """A statement that fails in PostgreSQL took a reservation of every row left; what
+    reached the client counts (none here), the rest goes back. Before, only a completed
+    statement settled its reservation, so three failures spent the whole hour's budget."""
+    token = keys.token("bob", ["analysts"])
+    with psycopg.connect(dsn(budget_wire, token, "bob"), autocommit=True) as conn:
+        for _ in range(3):
+            with pytest.raises(psycopg.Error) as failed:
+                conn.execute("SELECT 1 / (id - id) FROM customers").fetchall()
+            assert failed.value.sqlstate == "22012", failed.value
+        rows = conn.execute("SELECT id FROM customers ORDER BY id LIMIT 5").fetchall()
+        assert len(rows) == 5
+        # The budget holds: those five were the hour's.
+        with pytest.raises(psycopg.Error) as spent:
+            conn.execute("SELECT id FROM customers LIMIT 1").fetchall()
+    assert "row_budget_exhausted" in str(spent.value), spent.value
