@@ -12,6 +12,7 @@ internal query never are::
     ──────────────────────────────────────────────  ──────────────────────────────────────────
     asyncpg cannot encode bound parameter $N        422 invalid_parameters   $N and its type
     57014 query_canceled (statement_timeout)        408 statement_timeout    fixed text
+    57014 query_canceled (a CancelRequest)          408 query_cancelled      fixed text
     08xxx, 57Pxx (connection lost, shutdown)        503 database_unavailable fixed text
     25006 read_only_sql_transaction                 403 read_only_violation  + message if safe
     42501 insufficient_privilege                    403 database_permission_denied + message
@@ -410,6 +411,12 @@ def translate(exc: BaseException, parameter_types: Sequence[str] | None = None) 
     sqlstate = str(getattr(exc, "sqlstate", None) or "")
     extra = {"sqlstate": sqlstate}
     if sqlstate == "57014":
+        if getattr(exc, "message", "") == "canceling statement due to user request":
+            # PostgreSQL's fixed text for a CancelRequest (psql's ^C, a driver's cancel,
+            # pg_cancel_backend); for the timeout it says "due to statement timeout".
+            return RequestTimeout(
+                "query_cancelled", "the statement was cancelled at the client's request", **extra
+            )
         return RequestTimeout(
             "statement_timeout", "the statement was cancelled by the statement timeout", **extra
         )

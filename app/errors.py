@@ -37,6 +37,7 @@ SQLSTATES: dict[str, str] = {
     "approval_required": "QG001",
     "approval_not_accepted": "QG002",
     "statement_timeout": "57014",  # query_canceled
+    "query_cancelled": "57014",
     "request_timeout": "57014",
     "database_unavailable": "08006",  # connection_failure
     "policy_unavailable": "58000",  # system_error: OPA cannot answer, nothing runs

@@ -7,8 +7,9 @@ A connection's start, in the order PostgreSQL's own has it:
    and _KEY_FILE), or ``N`` when none is configured; a GSSENCRequest is always ``N``. Bytes
    sent after the SSLRequest before the handshake are refused (CVE-2021-23214).
 2. A CancelRequest carries a key the gateway issued (BackendKeyData): it is mapped to the
-   session and cancels what that session's PostgreSQL connection runs. Unknown keys are
-   ignored, as PostgreSQL does, so they tell a prober nothing.
+   session and cancels what that session's PostgreSQL connection runs, in this worker or,
+   passed on (CancelPeers), in another. Unknown keys are ignored, as PostgreSQL does, so
+   they tell a prober nothing.
 3. The StartupMessage must name the configured database and a user; ``options`` and every
    parameter outside the allow-list (session.SETTABLE) are never forwarded.
 4. Authentication is cleartext password: the password is the bearer token (OIDC/JWT or a
@@ -20,9 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import secrets
 import ssl
+import stat
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from app import dberrors
 from app.audit import RequestAudit
@@ -40,6 +48,87 @@ log = logging.getLogger("querygate.pgwire")
 
 # Above this, a PasswordMessage is refused before it is read: the token limit and its NUL.
 PASSWORD_OVERHEAD = 1
+
+
+_KEY = struct.Struct("!II")  # a CancelRequest's key, as a peer worker is handed it
+_PEER_TIMEOUT_S = 0.5
+
+
+class CancelPeers:
+    """A CancelRequest for a session of another worker process (``QUERYGATE_WORKERS``).
+
+    Every worker listens on the one port and the kernel spreads the connections, a cancel's
+    own among them: it lands on its session's worker one time in W. So each worker also
+    listens on a Unix socket, ``<pid>.sock`` in a directory private to the gateway's user
+    (mode 0700, named by a digest of the listening address and the audit spool, so the
+    workers of one gateway share it and nothing else does), and passes a key it does not
+    know to every other socket there. A worker looks a passed key up in its own sessions
+    only, and never passes it on. The key is the whole credential, as on the TCP port, so
+    the sockets give nothing a client could not send the port; a directory that is not
+    this user's alone turns passing off (logged), and a cancel then works as before.
+    """
+
+    def __init__(self, settings: Settings, cancel: Callable[[int, int], Awaitable[None]]) -> None:
+        digest = hashlib.sha256(
+            f"{settings.pg_host}:{settings.pg_port}:{settings.audit_spool_dir}".encode()
+        ).hexdigest()[:16]
+        self.directory = Path(tempfile.gettempdir()) / f"querygate-cancel-{os.getuid()}-{digest}"
+        self.path = self.directory / f"{os.getpid()}.sock"
+        self._cancel = cancel
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        try:
+            with contextlib.suppress(FileExistsError):
+                self.directory.mkdir(mode=0o700)
+            info = os.lstat(self.directory)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+                    or info.st_mode & 0o077):
+                raise PermissionError("not a directory of this user's alone")
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a dead process's, whose pid this one has now
+            self._server = await asyncio.start_unix_server(self._passed, self.path)
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            log.error("cancel keys are not passed between workers (%s: %s): a CancelRequest "
+                      "reaches only the worker it lands on", self.directory, exc)
+
+    async def _passed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_PEER_TIMEOUT_S):
+                pid, secret = _KEY.unpack(await reader.readexactly(_KEY.size))
+            await self._cancel(pid, secret)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("a cancel passed by another worker failed")
+        finally:
+            writer.close()
+
+    async def pass_on(self, pid: int, secret: int) -> None:
+        """Hand the key to every other worker; one of them may hold its session."""
+        if self._server is None:
+            return
+        others = [p for p in self.directory.glob("*.sock") if p != self.path]
+        await asyncio.gather(*(self._send(p, _KEY.pack(pid, secret)) for p in others))
+
+    @staticmethod
+    async def _send(path: Path, key: bytes) -> None:
+        try:
+            async with asyncio.timeout(_PEER_TIMEOUT_S):
+                _, writer = await asyncio.open_unix_connection(path)
+                writer.write(key)
+                await writer.drain()
+                writer.close()
+        except (TimeoutError, OSError):
+            pass  # a worker that is gone (its socket left behind) or stuck: not this one's
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._server = None
 
 
 class PgServer:
@@ -60,6 +149,7 @@ class PgServer:
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool_lock = asyncio.Lock()
+        self._peers = CancelPeers(settings, self._cancel) if settings.workers > 1 else None
 
     @property
     def port(self) -> int:
@@ -68,8 +158,10 @@ class PgServer:
 
     async def start(self) -> None:
         # Worker processes (QUERYGATE_WORKERS) each listen on the port; the kernel spreads
-        # the connections. A CancelRequest reaches the worker its connection lands on, so
-        # with several workers cancel works only when that is the session's (docs/pgwire.md).
+        # the connections. A CancelRequest reaches the worker its connection lands on, which
+        # passes a key it does not know to the others (CancelPeers).
+        if self._peers is not None:
+            await self._peers.start()
         self._server = await asyncio.start_server(
             self._accept, self.settings.pg_host, self.settings.pg_port,
             limit=m.MAX_STARTUP_LEN * 8, reuse_port=self.settings.workers > 1 or None,
@@ -79,6 +171,8 @@ class PgServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._peers is not None:
+            await self._peers.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -90,6 +184,11 @@ class PgServer:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+
+    async def _cancel(self, pid: int, secret: int) -> None:
+        session = self._keys.get((pid, secret))
+        if session is not None:
+            await session.cancel()
 
     # -- what sessions use ----------------------------------------------------------------------
 
@@ -297,9 +396,10 @@ class PgServer:
                 await writer.drain()
                 continue
             if isinstance(packet, m.CancelRequest):
-                session = self._keys.get((packet.pid, packet.secret))
-                if session is not None:
-                    await session.cancel()
+                if (packet.pid, packet.secret) in self._keys:
+                    await self._cancel(packet.pid, packet.secret)
+                elif self._peers is not None:
+                    await self._peers.pass_on(packet.pid, packet.secret)
                 return None
             break
         else:

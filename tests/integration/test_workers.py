@@ -76,3 +76,54 @@ def test_two_workers_have_an_audit_chain_each_and_both_serve(serve_settings, key
         assert sum(e["type"] == "execution" for e in mine) == 5
         actions = [e["lifecycle"]["action"] for e in mine if e["type"] == "lifecycle"]
         assert actions == ["started", "stopped"], actions
+
+
+# Long enough that only a cancel ends it within seconds (108 million joined rows: ~8 s here).
+SLOW = ("SELECT count(*) FROM orders a, orders b, customers c WHERE c.id < 4 "
+        "AND a.amount_cents + b.amount_cents >= 0 AND a.status <> b.status || a.status")
+
+
+def test_a_cancel_reaches_its_session_whichever_worker_it_lands_on(serve_settings, keys,
+                                                                   tmp_path):
+    """psql's ^C (libpq's PQcancel) sends a CancelRequest on a connection of its own, which
+    the kernel hands to either worker; the session it names lives in one of them. Every
+    cancel ends its statement, not one in two: a worker passes a key it does not know to
+    the other (app/pgwire/server.py CancelPeers)."""
+    import threading
+
+    import psycopg
+
+    from app.devstack import free_port
+
+    pg_port = free_port()
+    gateway = start_gateway(
+        serve_settings | {"workers": "2", "audit_spool_dir": str(tmp_path / "spool"),
+                          "mask_hmac_key": "w" * 32, "pg_port": str(pg_port),
+                          "dev_mode": "true"},
+        tmp_path / "gateway.log",
+    )
+    token = keys.token("alice", ["analysts"])
+    outcomes: list[tuple[float, str]] = []
+    try:
+        for _ in range(8):
+            conn = psycopg.connect(host="127.0.0.1", port=pg_port, dbname="appdb", user="alice",
+                                   password=token, sslmode="disable", autocommit=True)
+            try:
+                timer = threading.Timer(0.8, conn.cancel_safe)
+                started = time.monotonic()
+                timer.start()
+                try:
+                    conn.execute(SLOW).fetchall()
+                    outcome = "finished"
+                except psycopg.Error as exc:
+                    outcome = f"{exc.sqlstate} {exc}"
+                outcomes.append((time.monotonic() - started, outcome))
+                timer.join()
+            finally:
+                conn.close()
+    finally:
+        gateway.stop()
+    log = (tmp_path / "gateway.log").read_text()[-2000:]
+    for took, outcome in outcomes:
+        assert outcome.startswith("57014") and "client's request" in outcome, (outcomes, log)
+        assert took < 5, (outcomes, log)
