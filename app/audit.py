@@ -59,6 +59,7 @@ import orjson
 import postgast
 from postgast.pg_query_pb2 import Token
 
+from app import tracing
 from app.config import ConfigError, Settings
 from app.errors import GatewayError, Unauthenticated, Unavailable
 from app.ids import new_id
@@ -1391,6 +1392,13 @@ class RequestAudit:
     def _label(self, outcome: str) -> None:
         self.label = outcome
 
+    def _ended(self, outcome: str) -> None:
+        # A wire statement's trace span ends with its last event (app/tracing.py).
+        if self.clock.span is not None:
+            tracing.end(self.clock.span, **{"querygate.outcome": outcome,
+                                            "querygate.request_id": self.request_id})
+            self.clock.span = None
+
     async def auth_failed(self, exc: GatewayError) -> None:
         """An authentication failure: the code and our own message, never the token."""
         self.auth_recorded = True
@@ -1436,6 +1444,8 @@ class RequestAudit:
         self.decision_recorded = True
         self.outcome = outcome
         self._label(outcome)
+        if outcome != "allow" or self.explain:
+            self._ended(outcome)  # nothing runs after it
         return self.log.append(
             self._event("decision", decision=body, query=query_json(self.sql, self.facts),
                         durations_us=dict(self.clock.durations_us)),
@@ -1446,6 +1456,7 @@ class RequestAudit:
                    rows_affected: int | None, truncated: bool | None, streamed: bool,
                    masked: Mapping[str, str] | None) -> dict[str, Any]:
         self.execution_recorded = True
+        self._ended(outcome)
         durations = dict(self.clock.durations_us)
         durations["total"] = int((time.perf_counter() - self.started) * 1_000_000)
         return self._event(

@@ -230,18 +230,21 @@ class MetricsMiddleware:
 class StageClock:
     """Microseconds per stage for one request; each stage also feeds the histogram."""
 
-    __slots__ = ("durations_us", "metrics")
+    __slots__ = ("durations_us", "metrics", "span")
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(self, metrics: Metrics | None, span: Any = None) -> None:
         self.metrics = metrics
         self.durations_us: dict[str, int] = {}
+        # A wire statement's trace span (tracing.statement_span), parent of its stage spans;
+        # an HTTP request's stages go under the current span instead.
+        self.span = span
 
     def add(self, stage: str, seconds: float) -> None:
         self.durations_us[stage] = self.durations_us.get(stage, 0) + int(seconds * 1_000_000)
         if self.metrics is not None:
             self.metrics.observe_stage(stage, seconds)
         if tracing.enabled():
-            tracing.stage(stage, seconds)
+            tracing.stage(stage, seconds, self.span)
 
     def timer(self, stage: str) -> _Timer:
         return _Timer(self, stage)

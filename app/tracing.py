@@ -6,12 +6,16 @@ one), each stage the request's ``StageClock`` times (auth, facts, policy, databa
 a child span of it, and the ``traceparent`` goes on to OPA with every decision request, so
 OPA's own spans and decision-log entries carry the same trace id. Log lines written while
 a span is current carry its ``trace_id`` and ``span_id`` (app/metrics.py's JsonFormatter).
+A statement on the wire protocol is a span of its own (``querygate.statement``, a root: the
+protocol carries no trace context), with its facts and policy stage spans under it (its
+database time spans several messages, and is in the metrics only); it is current while
+the statement is authorized, so its decision request to OPA carries it too, and it ends
+with the statement's last audit event.
 
 Spans are exported over OTLP/HTTP as the SDK's standard ``OTEL_EXPORTER_OTLP_*`` variables
 say (endpoint, headers, TLS), in batches off the request path. A process that installed a
 tracer provider of its own before the gateway started (a test's in-memory exporter, an
-embedding application) keeps it. The wire protocol's statements are not traced yet (their
-stages run across several messages); their stage timings are in the metrics as before.
+embedding application) keeps it.
 
 Attributes hold the route, the request id and the decision's outcome, never SQL, a
 parameter, an identity or an address: a trace backend is not the audit trail.
@@ -94,16 +98,53 @@ def request_span(scope: Mapping[str, Any]) -> Iterator[Any]:
         yield span
 
 
-def stage(name: str, seconds: float) -> None:
-    """A stage that just took ``seconds``, as a child span of the current request's."""
+def statement_span(channel: str) -> Any:
+    """A new span for one statement of a session (the wire protocol), not current; None when
+    tracing is off. Its stages name it as their parent (``StageClock.span``)."""
+    if _tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    return _tracer.start_span("querygate.statement", kind=SpanKind.SERVER,
+                              attributes={"querygate.channel": channel})
+
+
+@contextlib.contextmanager
+def current(span: Any) -> Iterator[None]:
+    """``span`` as the current one meanwhile (OPA's traceparent, log lines), left open."""
+    if span is None or _tracer is None:
+        yield
+        return
+    from opentelemetry import trace
+
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
+def end(span: Any, **attributes: str) -> None:
+    """End a ``statement_span`` with what it came to."""
+    if span is None:
+        return
+    span.set_attributes(attributes)
+    span.end()
+
+
+def stage(name: str, seconds: float, parent: Any = None) -> None:
+    """A stage that just took ``seconds``, as a child span of ``parent`` (a statement's) or
+    else of the current request's."""
     if _tracer is None:
         return
     from opentelemetry import trace
 
-    if not trace.get_current_span().is_recording():
-        return  # no request span (the wire protocol): no orphan stage spans
+    if parent is not None:
+        context = trace.set_span_in_context(parent)
+    elif trace.get_current_span().is_recording():
+        context = None
+    else:
+        return  # no request or statement span: no orphan stage spans
     end = time.time_ns()
-    span = _tracer.start_span(f"querygate.{name}", start_time=end - int(seconds * 1e9))
+    span = _tracer.start_span(f"querygate.{name}", context=context,
+                              start_time=end - int(seconds * 1e9))
     span.end(end_time=end)
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import postgast
 
-from app import dberrors, grammar, introspection, masking, pipeline
+from app import dberrors, grammar, introspection, masking, pipeline, tracing
 from app.audit import RequestAudit
 from app.errors import (
     BadRequest,
@@ -348,7 +348,16 @@ class Session:
         """Govern one statement; refused, its refusal is on record when this raises."""
         self.count += 1
         audit, budget, meta = self._request(method)
+        # A span of its own, current while it is decided (OPA's traceparent), ended with its
+        # last audit event (RequestAudit._ended).
+        audit.clock.span = tracing.statement_span("pgwire")
         approval, self.approval = self.approval, None
+        with tracing.current(audit.clock.span):
+            return await self._authorize_traced(sql, params, audit, budget, meta, approval)
+
+    async def _authorize_traced(self, sql: str, params: Sequence[Any], audit: RequestAudit,
+                                budget: pipeline.Budget, meta: Meta, approval: Any
+                                ) -> tuple[RequestAudit, pipeline.Budget, Authorized]:
         async with pipeline.guard(audit, budget):
             pipeline.admit(self.gateway, self.identity)
             # A read runs while its decision is written; its answer waits (finished).
@@ -747,9 +756,15 @@ class Session:
     async def _describe_statement(self, statement: _Prepared) -> None:
         """ParameterDescription and RowDescription of a statement, by the connection its
         first Bind would use (the profile decides the output types of masked columns)."""
-        gateway = self.gateway
         audit, budget, meta = self._request("extended")
         audit.explain = True  # a decision on record, nothing executed
+        audit.clock.span = tracing.statement_span("pgwire")
+        with tracing.current(audit.clock.span):
+            await self._describe_governed(statement, audit, budget, meta)
+
+    async def _describe_governed(self, statement: _Prepared, audit: RequestAudit,
+                                 budget: pipeline.Budget, meta: Meta) -> None:
+        gateway = self.gateway
         async with pipeline.guard(audit, budget):
             pipeline.admit(gateway, self.identity)
             catalog = gateway.catalog

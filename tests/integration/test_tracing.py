@@ -119,3 +119,49 @@ def test_tracing_is_off_by_default(make_gateway, tmp_path, alice, exporter):
     headers = {**alice, "traceparent": f"00-{TRACE_ID}-{PARENT}-01"}
     assert gateway.query("SELECT 1 FROM orders LIMIT 1", headers).status_code == 200
     assert exporter.get_finished_spans() == ()
+
+
+def test_a_wire_statement_is_a_trace_with_a_span_per_stage_and_opa_in_it(
+    exporter, traced_opa, make_gateway, tmp_path, keys
+):
+    """The wire protocol carries no trace context: each governed statement is a root span
+    (querygate.statement) with its stage spans under it, current while it is decided, so
+    OPA's decision log has its trace id; a denied one ends with its refusal."""
+    import psycopg
+
+    url, opa_log = traced_opa
+    gateway = make_gateway(audit_spool_dir=str(tmp_path / "spool"), opa_url=url,
+                           otel_enabled=True, decision_cache_entries=0,
+                           pg_port=free_port(), dev_mode=True)
+    exporter.clear()
+    token = keys.token("alice", ["analysts"])
+    with psycopg.connect(host="127.0.0.1", port=gateway.settings.pg_port, dbname="appdb",
+                         user="alice", password=token, sslmode="disable",
+                         autocommit=True) as conn:
+        rows = conn.execute("SELECT id, email FROM customers WHERE id < %s", [3]).fetchall()
+        with pytest.raises(psycopg.Error):
+            conn.execute("DELETE FROM customers")
+    assert len(rows) == 2
+    spans = exporter.get_finished_spans()
+    statements = [s for s in spans if s.name == "querygate.statement"]
+    assert [s.attributes["querygate.outcome"] for s in statements] == ["ok", "deny"], [
+        dict(s.attributes or {}) for s in statements]
+    read = statements[0]
+    assert read.parent is None and read.attributes["querygate.channel"] == "pgwire"
+    children = {s.name.removeprefix("querygate."): s for s in spans
+                if s.parent is not None and s.parent.span_id == read.context.span_id}
+    # The stages the wire times (its statement's database time spans messages: metrics only).
+    assert {"facts", "policy"} <= set(children), sorted(children)
+    assert all(s.context.trace_id == read.context.trace_id for s in children.values())
+    text = json.dumps([dict(s.attributes or {}) for s in spans])
+    assert "email" not in text and "alice" not in text and "customers" not in text
+
+    trace_id = f"{read.context.trace_id:032x}"
+    deadline = time.monotonic() + 10
+    while True:
+        logged = [json.loads(line) for line in opa_log.read_text().splitlines()
+                  if line.startswith("{") and '"Decision Log"' in line]
+        if any(e.get("trace_id") == trace_id for e in logged) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert any(e.get("trace_id") == trace_id for e in logged), [e.get("trace_id") for e in logged]
