@@ -54,6 +54,7 @@ from app.errors import (
     Unprocessable,
 )
 from app.facts import QueryFacts
+from app.pgwire import messages as wire
 from app.results import Column, Result
 
 
@@ -313,17 +314,9 @@ def _transaction(conn: asyncpg.Connection, readonly: bool, reset: bool,
     return conn.transaction(readonly=True) if readonly else _read_write(conn, reset, begin)
 
 
-def _message(kind: bytes, body: bytes) -> bytes:
-    return kind + (len(body) + 4).to_bytes(4, "big") + body
-
-
 # Parse, Bind and Execute of BEGIN READ WRITE on the unnamed statement and portal, and no
 # Sync: the head of a write's flight (_begin_bind_execute).
-_BEGIN_READ_WRITE = (
-    _message(b"P", b"\0BEGIN READ WRITE\0\0\0")  # unnamed, the text, no parameter types
-    + _message(b"B", b"\0\0" + b"\0\0" * 3)  # unnamed portal and statement, no formats or values
-    + _message(b"E", b"\0" + b"\0\0\0\0")  # unnamed portal, every row
-)
+_BEGIN_READ_WRITE = wire.parse("", "BEGIN READ WRITE") + wire.bind("", "") + wire.execute()
 
 
 _ROLLBACK_TIMEOUT_S = 1.0

@@ -17,6 +17,7 @@ import pytest
 from app.errors import Forbidden, GatewayError, RequestTimeout
 from app.executor import CleanSessions, Executor, connection_settings
 from app.facts import Output, QueryFacts
+from app.pgwire import messages as m
 from app.results import encode_row
 
 pytestmark = pytest.mark.integration
@@ -491,10 +492,9 @@ def test_a_refused_argument_behind_a_failed_begin_is_bounded(wire, session_probe
     from app import executor as executor_module
 
     sql = "UPDATE session_probe SET n = $1 WHERE id = 4"
-    parse = executor_module._message(b"P", b"\0BEGIN READ WRITE\0\0\0")
+    parse = m.parse("", "BEGIN READ WRITE")
     assert executor_module._BEGIN_READ_WRITE.startswith(parse)
-    failing = (executor_module._message(b"P", b"\0SELECT 1/0\0\0\0")
-               + executor_module._BEGIN_READ_WRITE[len(parse):])
+    failing = m.parse("", "SELECT 1/0") + executor_module._BEGIN_READ_WRITE[len(parse):]
 
     async def body(executor: Executor, pool: asyncpg.Pool) -> Any:
         await executor.run(executor.target(sql), [1], WRITE_FACTS, 10)  # prepared
